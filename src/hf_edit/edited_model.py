@@ -1,0 +1,359 @@
+"""``EditedModel``: a causal LM plus the knowledge edits applied to it, kept as one PEFT LoRA adapter.
+
+The base weights are never modified until :meth:`EditedModel.merge_and_unload`.  The list of applied edits is the
+source of truth: after every change the adapter is rebuilt from it, so disabling or removing edits restores the
+original model bitwise, and a saved folder holds exactly the edits listed in its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import ADAPTER_NAME, LoraFactors, attach_adapter, quiet_peft, read_adapter_factors
+from .architecture import base_layer, unwrap_model
+from .errors import EditFolderError, HfEditError, UnknownMethodError
+from .methods.rome import ROMEConfig, ROMEEditor, rome_preset_for
+from .requests import EditRequest, as_request, as_requests
+from .stats import SecondMomentStats
+from .version import __version__
+
+__all__ = ["EditedModel", "Edit", "MANIFEST_NAME"]
+
+logger = logging.getLogger(__name__)
+
+#: File written next to the adapter, listing the edits it holds.
+MANIFEST_NAME = "hf_edit.json"
+MANIFEST_FORMAT = "hf_edit.edits.v1"
+
+MethodSpec = str | ROMEConfig | Mapping[str, Any]
+RequestLike = EditRequest | Mapping[str, Any]
+
+
+@dataclass
+class Edit:
+    """One applied edit: the request, where it went, its factors and its diagnostics.
+
+    Attributes:
+        request: what was edited.
+        method: ``"rome"``.
+        module: full name of the edited module.
+        layer: its decoder layer.
+        factors: ΔW = B @ A of this edit (float32, CPU).
+        config: the method's hyperparameters (JSON).
+        info: diagnostics (norms, k·u, steps, losses, templates, statistics fingerprint, timings).
+    """
+
+    request: EditRequest
+    method: str
+    module: str
+    layer: int | None
+    factors: LoraFactors
+    config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"method": self.method, "module": self.module, "layer": self.layer, "rank": self.factors.rank,
+                "request": self.request.to_dict(), "config": self.config, "info": self.info}
+
+
+def _is_edit_folder(path: str | os.PathLike) -> bool:
+    return Path(path, MANIFEST_NAME).is_file()
+
+
+class EditedModel:
+    """A causal LM with knowledge edits, each stored as a rank-one (or dense) factor of one PEFT adapter.
+
+    Build it with :meth:`from_pretrained`; then :meth:`edit`, :meth:`remove_edit`, :meth:`disable_edits`,
+    :meth:`save_pretrained`, :meth:`merge_and_unload`.  Calling the object, ``generate``, ``config`` and ``device``
+    pass through to the model.
+
+    Args:
+        model: a transformers causal LM (or a ``PeftModel`` loaded from an hf_edit folder, with ``edits``).
+        tokenizer: its fast tokenizer.
+        method: the default editing method (``"rome"``, a :class:`ROMEConfig` or a dict of its fields).
+        stats: explicit second-moment statistics (one object, or a mapping from layer/module name).
+        progress: show progress bars.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, method: MethodSpec = "rome",
+                 stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
+                 progress: bool = True, edits: list[Edit] | None = None, revision: str | None = None) -> None:
+        self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
+        self._model: nn.Module | None = unwrap_model(model).eval()
+        self.tokenizer = tokenizer
+        self._default_method = method
+        self._stats = stats
+        self._progress = progress
+        self._edits: list[Edit] = list(edits or [])
+        self._revision = revision
+        self._editors: dict[str, ROMEEditor] = {}
+        self._saved_templates: list[str] | None = next(
+            (e.info["context_templates"] for e in reversed(self._edits) if "context_templates" in e.info), None)
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained: str | os.PathLike | nn.Module, edits: Iterable[RequestLike] | None = None,
+                        *, method: MethodSpec = "rome",
+                        stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
+                        tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None,
+                        token: str | bool | None = None, base_model: str | os.PathLike | None = None,
+                        progress: bool = True, **model_kwargs: Any) -> EditedModel:
+        """Load a base model (Hub id, local path or model object) or a saved edit folder, and apply ``edits``.
+
+        Args:
+            pretrained: a model id or path, a loaded causal LM, or a folder written by :meth:`save_pretrained`.
+            edits: requests to apply now (``EditRequest``, reference dicts or CounterFact records).
+            method: ``"rome"`` (the preset for the model id, else documented defaults) or a :class:`ROMEConfig`.
+            stats: second-moment statistics to use instead of computing them.
+            tokenizer: defaults to the tokenizer stored with the model.
+            revision, token: passed to ``from_pretrained`` of the model and tokenizer.
+            base_model: for an edit folder, load this base instead of the one recorded in it.
+            progress: show progress bars.
+            **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (default ``dtype=torch.float32``).
+        """
+        if isinstance(pretrained, (str, os.PathLike)) and _is_edit_folder(pretrained):
+            model = cls._load_edit_folder(Path(pretrained), tokenizer=tokenizer, base_model=base_model,
+                                          revision=revision, token=token, method=method, stats=stats,
+                                          progress=progress, **model_kwargs)
+        else:
+            if isinstance(pretrained, nn.Module):
+                base = pretrained
+                source = getattr(base, "name_or_path", None)
+            else:
+                base = _load_base(pretrained, revision=revision, token=token, **model_kwargs)
+                source = str(pretrained)
+            if tokenizer is None:
+                if not source:
+                    raise HfEditError("Pass tokenizer= when giving a model object built without a name or path.")
+                tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=token)
+            model = cls(base, tokenizer, method=method, stats=stats, progress=progress, revision=revision)
+        if edits is not None:
+            model.edit(edits)
+        return model
+
+    @classmethod
+    def _load_edit_folder(cls, folder: Path, *, tokenizer, base_model, revision, token, method, stats, progress,
+                          **model_kwargs) -> EditedModel:
+        manifest = _read_manifest(folder)
+        base_id = str(base_model or manifest.get("base_model") or "")
+        if not base_id:
+            raise EditFolderError(f"{folder} does not say which base model it edits; pass base_model=...")
+        base_revision = revision or manifest.get("base_model_revision")
+        base = _load_base(base_id, revision=base_revision, token=token, **model_kwargs)
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(base, str(folder), adapter_name=ADAPTER_NAME)
+        edits = _edits_from_manifest(manifest, read_adapter_factors(peft_model), folder)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(base_id, revision=base_revision, token=token)
+        return cls(peft_model, tokenizer, method=method, stats=stats, progress=progress, edits=edits,
+                   revision=base_revision)
+
+    # -- passthrough -----------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The model to run: the ``PeftModel`` when edits exist, else the base transformers model."""
+        self._require_live()
+        return self._peft if self._peft is not None else self._model
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model (with LoRA layers injected when edits exist)."""
+        self._require_live()
+        return self._model
+
+    @property
+    def peft_model(self) -> PeftModel | None:
+        """The ``PeftModel`` holding the edits, or ``None`` while there are none."""
+        return self._peft
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.device
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` of the edited model (see ``transformers.GenerationMixin.generate``)."""
+        return self.model.generate(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        name = getattr(self._model, "name_or_path", "") if self._model is not None else "<merged>"
+        return f"EditedModel(base={name!r}, edits={len(self._edits)})"
+
+    # -- edits -----------------------------------------------------------------------------------------------
+    @property
+    def edits(self) -> tuple[Edit, ...]:
+        """The applied edits, in the order they were applied."""
+        return tuple(self._edits)
+
+    def edit(self, requests: RequestLike | Iterable[RequestLike], method: MethodSpec | None = None) -> list[Edit]:
+        """Apply requests one after another, each computed on the model as edited so far.
+
+        The call is atomic: if any request fails, every edit of this call is undone and the exception re-raised.
+
+        Returns:
+            The new :class:`Edit` objects (one per request and layer).
+        """
+        self._require_live()
+        requests = as_requests(requests)
+        editor = self._editor(method if method is not None else self._default_method)
+        for request in requests:
+            editor.validate(request)
+        before = len(self._edits)
+        try:
+            for request in requests:
+                for target in editor.targets():
+                    update = editor.compute(request, target)
+                    factors = LoraFactors(A=update.u[None].cpu(), B=update.v[:, None].cpu())
+                    self._edits.append(Edit(request=request, method="rome", module=target.name,
+                                            layer=target.layer, factors=factors,
+                                            config=editor.config.to_dict(), info=update.info))
+                    self._rebuild()
+        except BaseException:
+            if len(self._edits) != before:
+                del self._edits[before:]
+                self._rebuild()
+            raise
+        return self._edits[before:]
+
+    def remove_edit(self, index: int) -> Edit:
+        """Remove the edit at ``index`` (later edits, computed with it present, stay as they are)."""
+        self._require_live()
+        removed = self._edits.pop(index)
+        self._rebuild()
+        return removed
+
+    @contextmanager
+    def disable_edits(self) -> Iterator[None]:
+        """Within the block the model computes exactly (bitwise) as the unedited base model."""
+        self._require_live()
+        if self._peft is None:
+            yield
+            return
+        with self._peft.disable_adapter():
+            yield
+
+    def merge_and_unload(self) -> nn.Module:
+        """Add every edit into the base weights and return the plain transformers model.
+
+        The merged weight equals W + B @ A bitwise.  This consumes the ``EditedModel`` (as in peft).
+        """
+        self._require_live()
+        model = self._model
+        if self._peft is not None:
+            with quiet_peft():
+                model = self._peft.merge_and_unload()
+        self._peft, self._model = None, None
+        return model
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the adapter (``adapter_config.json``, ``adapter_model.safetensors``) and the edit manifest."""
+        self._require_live()
+        if self._peft is None:
+            raise HfEditError("There are no edits to save.")
+        save_directory = Path(save_directory)
+        with quiet_peft():
+            self._peft.save_pretrained(str(save_directory), **kwargs)
+        manifest = {"format": MANIFEST_FORMAT, "hf_edit_version": __version__,
+                    "base_model": self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path,
+                    "base_model_revision": self._revision, "adapter_name": ADAPTER_NAME,
+                    "edits": [e.manifest_entry() for e in self._edits]}
+        (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _require_live(self) -> None:
+        if self._model is None:
+            raise HfEditError("This EditedModel was merged with merge_and_unload(); use the returned model.")
+
+    def _method_config(self, method: MethodSpec) -> ROMEConfig:
+        if isinstance(method, ROMEConfig):
+            return method
+        if isinstance(method, Mapping):
+            return ROMEConfig.from_dict(method)
+        if isinstance(method, str) and method.lower() == "rome":
+            return rome_preset_for(getattr(self._model, "name_or_path", None))
+        raise UnknownMethodError(f"Unknown editing method {method!r}; available: 'rome' or a ROMEConfig.")
+
+    def _editor(self, method: MethodSpec) -> ROMEEditor:
+        config = self._method_config(method).resolved_for(self._model)
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in self._editors:
+            templates = self._saved_templates if config.context_templates is None else None
+            self._editors[key] = ROMEEditor(self._model, self.tokenizer, config, stats=self._stats,
+                                            base_context=self.disable_edits, progress=self._progress,
+                                            templates=templates)
+        return self._editors[key]
+
+    def _rebuild(self) -> None:
+        """Make the adapter hold exactly ``self._edits`` (the base weights are never touched)."""
+        if self._peft is not None:
+            with quiet_peft():
+                self._model = self._peft.unload()
+            self._peft = None
+        if not self._edits:
+            return
+        grouped: dict[str, list[LoraFactors]] = {}
+        for e in self._edits:
+            grouped.setdefault(e.module, []).append(e.factors)
+        factors = {name: LoraFactors.concat(parts) for name, parts in grouped.items()}
+        is_conv1d = {name: _is_conv1d(self._model, name) for name in factors}
+        self._peft = attach_adapter(self._model, factors, is_conv1d,
+                                    base_model_name_or_path=getattr(self._model, "name_or_path", None) or None,
+                                    revision=self._revision)
+
+
+def _is_conv1d(model: nn.Module, name: str) -> bool:
+    return isinstance(base_layer(model.get_submodule(name)), Conv1D)
+
+
+def _load_base(pretrained: str | os.PathLike, *, revision: str | None, token: str | bool | None,
+               **model_kwargs: Any) -> nn.Module:
+    model_kwargs.setdefault("dtype", torch.float32)
+    return AutoModelForCausalLM.from_pretrained(pretrained, revision=revision, token=token, **model_kwargs).eval()
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise EditFolderError(f"Cannot read {folder / MANIFEST_NAME}: {err}") from err
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise EditFolderError(f"{folder / MANIFEST_NAME} has format {manifest.get('format')!r}, expected "
+                              f"{MANIFEST_FORMAT!r}.")
+    return manifest
+
+
+def _edits_from_manifest(manifest: dict[str, Any], factors: dict[str, LoraFactors], folder: Path) -> list[Edit]:
+    """Pair the manifest's entries with the adapter's factor columns, checking that they agree."""
+    entries = manifest.get("edits", [])
+    ranks: dict[str, list[int]] = {}
+    for entry in entries:
+        ranks.setdefault(entry["module"], []).append(int(entry["rank"]))
+    if set(ranks) != set(factors) or any(sum(r) != factors[m].rank for m, r in ranks.items()):
+        found = {m: f.rank for m, f in factors.items()}
+        expected = {m: sum(r) for m, r in ranks.items()}
+        raise EditFolderError(f"The adapter in {folder} does not match its manifest: modules/ranks {found} in the "
+                              f"adapter, {expected} in {MANIFEST_NAME}.")
+    parts = {m: iter(factors[m].split(r)) for m, r in ranks.items()}
+    return [Edit(request=as_request(e["request"]), method=e["method"], module=e["module"], layer=e.get("layer"),
+                 factors=next(parts[e["module"]]), config=e.get("config", {}), info=e.get("info", {}))
+            for e in entries]

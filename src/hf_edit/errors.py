@@ -1,0 +1,82 @@
+"""Exceptions raised by hf_edit.
+
+Every error hf_edit raises on bad input derives from :class:`HfEditError`; the message says what was found and
+what to do.  Errors that concern a value the user passed also derive from :class:`ValueError`, so generic
+``except ValueError`` code keeps working.  Whenever one of these is raised during an edit, the model, its adapters
+and every cache are left exactly as they were before the call.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HfEditError",
+    "InvalidRequestError",
+    "SubjectNotFoundError",
+    "ConfigError",
+    "UnknownMethodError",
+    "LayerOutOfRangeError",
+    "UnsupportedArchitectureError",
+    "TokenizerError",
+    "StatisticsError",
+    "StatisticsMismatchError",
+    "StatisticsCacheError",
+    "InsufficientStatisticsError",
+    "OptimizationError",
+    "EditFolderError",
+]
+
+
+class HfEditError(Exception):
+    """Base class of every error raised by hf_edit."""
+
+
+class InvalidRequestError(HfEditError, ValueError):
+    """An :class:`~hf_edit.EditRequest` is malformed (placeholders, empty subject or target, bad format)."""
+
+
+class SubjectNotFoundError(InvalidRequestError):
+    """The subject does not occur in the prompt, or no token of the tokenised prompt covers it."""
+
+
+class ConfigError(HfEditError, ValueError):
+    """A method configuration is invalid."""
+
+
+class UnknownMethodError(ConfigError):
+    """``method=`` names no editing method hf_edit knows."""
+
+
+class LayerOutOfRangeError(ConfigError):
+    """A configured layer index does not exist in the model."""
+
+
+class UnsupportedArchitectureError(HfEditError):
+    """hf_edit cannot find the module to edit; pass its name explicitly (``rewrite_module_tmp``)."""
+
+
+class TokenizerError(HfEditError, ValueError):
+    """The tokenizer cannot do what an edit needs (e.g. it is not a fast tokenizer with offset mappings)."""
+
+
+class StatisticsError(HfEditError):
+    """Base class of errors about second-moment statistics."""
+
+
+class StatisticsMismatchError(StatisticsError, ValueError):
+    """Statistics do not fit the module being edited (shape, layer, model or data set)."""
+
+
+class StatisticsCacheError(StatisticsError):
+    """A statistics file is corrupted or unreadable; it is never used silently."""
+
+
+class InsufficientStatisticsError(StatisticsError):
+    """Too few key vectors were seen for the second moment to be invertible."""
+
+
+class OptimizationError(HfEditError):
+    """The optimisation of an edit produced NaN or inf; nothing was applied."""
+
+
+class EditFolderError(HfEditError):
+    """A folder or repository does not hold a valid hf_edit edit (adapter and manifest disagree or are missing)."""

@@ -1,0 +1,116 @@
+"""Forward hooks on the edited module: read its input/output, add a vector at token positions, stop early.
+
+Every hook is a context manager that removes itself on exit, so an exception never leaves a hook behind.  Hooks
+follow the module's device and dtype; nothing here assumes a particular device.  Some architectures (OPT) flatten
+the projection's input to ``(batch * seq, width)``; :func:`as_batch_seq` restores the ``(batch, seq, width)`` view
+from the input ids' shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Captured", "StopForward", "capture", "add_at_positions", "as_batch_seq", "run_until", "only_positions"]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the module of interest has run."""
+
+
+def as_batch_seq(x: torch.Tensor, batch_shape: tuple[int, int]) -> torch.Tensor:
+    """View a module activation as ``(batch, seq, width)`` (undoes OPT's flattening)."""
+    return x if x.dim() == 3 else x.reshape(*batch_shape, x.shape[-1])
+
+
+@dataclass
+class Captured:
+    """Input and output of the last call of a module, as ``(batch, seq, width)`` tensors."""
+
+    batch_shape: tuple[int, int]
+    inputs: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+    calls: int = field(default=0)
+
+
+@contextmanager
+def capture(module: nn.Module, batch_shape: tuple[int, int], *, detach: bool = True,
+            stop: bool = False) -> Iterator[Captured]:
+    """Record the module's input and output during the forward passes run inside the block.
+
+    Args:
+        module: the module to observe.
+        batch_shape: ``(batch, seq)`` of the input ids, used to un-flatten activations.
+        detach: store detached tensors (no autograd graph kept alive).
+        stop: raise :class:`StopForward` right after the module ran (use with :func:`run_until`).
+    """
+    record = Captured(batch_shape)
+
+    def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        inp, out = args[0], output
+        if detach:
+            inp, out = inp.detach(), out.detach()
+        record.inputs, record.outputs = as_batch_seq(inp, batch_shape), as_batch_seq(out, batch_shape)
+        record.calls += 1
+        if stop:
+            raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Tensor,
+                     batch_shape: tuple[int, int]) -> Iterator[None]:
+    """Add ``delta`` to the module's output at ``(row, positions[row])`` for every row of the batch.
+
+    The addition is out of place, so autograd reaches ``delta``; ``delta`` is cast to the output's dtype.
+    """
+    rows = torch.arange(len(positions))
+
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        out = as_batch_seq(output, batch_shape)
+        update = torch.zeros_like(out)
+        update[rows, positions.to(rows.device)] = delta.to(device=out.device, dtype=out.dtype)
+        return (out + update).reshape(output.shape)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def only_positions(head: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Make the LM head see only the hidden states at ``(rows[i], positions[i])``.
+
+    The model's logits then have shape ``(1, len(rows), vocab)``, in the order given: the vocabulary projection,
+    the most expensive part of a small model's forward and backward pass, runs only where a loss is computed.
+    Element-wise post-processing of logits (e.g. soft-capping) is unaffected.
+    """
+
+    def pre_hook(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden[rows.to(hidden.device), positions.to(hidden.device)][None], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, **inputs: torch.Tensor) -> None:
+    """Run ``model(**inputs)`` and swallow the :class:`StopForward` raised by a ``capture(stop=True)`` hook."""
+    try:
+        model(**inputs)
+    except StopForward:
+        pass

@@ -1,0 +1,50 @@
+"""Independent re-implementations used as oracles by the tests (single sequences, no padding, plain hooks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_edit.architecture import base_layer
+from hf_edit.tokens import reference_subject_last
+
+
+def module_io_at(model: nn.Module, module: nn.Module, ids: list[int], position: int) -> tuple[torch.Tensor, ...]:
+    """Input and output of ``module`` at ``position`` for one unpadded sequence."""
+    seen = {}
+
+    def hook(_m, args, out):
+        seen["in"], seen["out"] = args[0].detach(), out.detach()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    inp = seen["in"].reshape(len(ids), -1) if seen["in"].dim() == 2 else seen["in"][0]
+    out = seen["out"].reshape(len(ids), -1) if seen["out"].dim() == 2 else seen["out"][0]
+    return inp[position].float(), out[position].float()
+
+
+def reference_key(model, tokenizer, module, template: str, prompt: str, subject: str) -> tuple[torch.Tensor, ...]:
+    """Key and value at the subject's last token, located with the reference's token arithmetic (GPT-2 BPE)."""
+    filled_template = template.replace("{}", prompt)
+    position = reference_subject_last(tokenizer, filled_template, subject)
+    text = filled_template.replace("{}", subject)
+    ids = tokenizer(text)["input_ids"]
+    return module_io_at(model, module, ids, position)
+
+
+def weight_times(module: nn.Module, key: torch.Tensor) -> torch.Tensor:
+    """W k + b for a Linear or Conv1D (the base layer), in float64."""
+    layer = base_layer(module)
+    weight = layer.weight.double()
+    out = key.double() @ weight if weight.shape[0] == key.shape[0] and _is_conv1d(layer) else weight @ key.double()
+    return out + (layer.bias.double() if layer.bias is not None else 0)
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
