@@ -54,6 +54,7 @@ class Edit:
         factors: ΔW = B @ A of this edit (float32, CPU).
         config: the method's hyperparameters (JSON).
         info: diagnostics (norms, k·u, steps, losses, templates, statistics fingerprint, timings).
+        key, value: for an edit made in this session, the key k and value v* with W′k + b = v* (not saved).
     """
 
     request: EditRequest
@@ -63,6 +64,8 @@ class Edit:
     factors: LoraFactors
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    key: torch.Tensor | None = field(default=None, repr=False)
+    value: torch.Tensor | None = field(default=None, repr=False)
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"method": self.method, "module": self.module, "layer": self.layer, "rank": self.factors.rank,
@@ -83,12 +86,13 @@ class EditedModel:
     Args:
         model: a transformers causal LM (or a ``PeftModel`` loaded from an hf_edit folder, with ``edits``).
         tokenizer: its fast tokenizer.
-        method: the default editing method (``"rome"``, a :class:`ROMEConfig` or a dict of its fields).
+        method: the default editing method (``"rome"``, a :class:`ROMEConfig` or a dict of its fields); ``None``
+            means the configuration of the latest edit in ``edits``, else ``"rome"``.
         stats: explicit second-moment statistics (one object, or a mapping from layer/module name).
         progress: show progress bars.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, method: MethodSpec = "rome",
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, method: MethodSpec | None = None,
                  stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
                  progress: bool = True, edits: list[Edit] | None = None, revision: str | None = None) -> None:
         self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
@@ -106,7 +110,7 @@ class EditedModel:
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike | nn.Module, edits: Iterable[RequestLike] | None = None,
-                        *, method: MethodSpec = "rome",
+                        *, method: MethodSpec | None = None,
                         stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
                         tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None,
                         token: str | bool | None = None, base_model: str | os.PathLike | None = None,
@@ -117,6 +121,7 @@ class EditedModel:
             pretrained: a model id or path, a loaded causal LM, or a folder written by :meth:`save_pretrained`.
             edits: requests to apply now (``EditRequest``, reference dicts or CounterFact records).
             method: ``"rome"`` (the preset for the model id, else documented defaults) or a :class:`ROMEConfig`.
+                Default: the configuration recorded with the latest loaded edit, else ``"rome"``.
             stats: second-moment statistics to use instead of computing them.
             tokenizer: defaults to the tokenizer stored with the model.
             revision, token: passed to ``from_pretrained`` of the model and tokenizer.
@@ -225,7 +230,8 @@ class EditedModel:
                     factors = LoraFactors(A=update.u[None].cpu(), B=update.v[:, None].cpu())
                     self._edits.append(Edit(request=request, method="rome", module=target.name,
                                             layer=target.layer, factors=factors,
-                                            config=editor.config.to_dict(), info=update.info))
+                                            config=editor.config.to_dict(), info=update.info,
+                                            key=update.key.cpu(), value=update.value.cpu()))
                     self._rebuild()
         except BaseException:
             if len(self._edits) != before:
@@ -284,7 +290,9 @@ class EditedModel:
         if self._model is None:
             raise HfEditError("This EditedModel was merged with merge_and_unload(); use the returned model.")
 
-    def _method_config(self, method: MethodSpec) -> ROMEConfig:
+    def _method_config(self, method: MethodSpec | None) -> ROMEConfig:
+        if method is None:
+            method = self._edits[-1].config if self._edits else "rome"
         if isinstance(method, ROMEConfig):
             return method
         if isinstance(method, Mapping):
@@ -293,7 +301,7 @@ class EditedModel:
             return rome_preset_for(getattr(self._model, "name_or_path", None))
         raise UnknownMethodError(f"Unknown editing method {method!r}; available: 'rome' or a ROMEConfig.")
 
-    def _editor(self, method: MethodSpec) -> ROMEEditor:
+    def _editor(self, method: MethodSpec | None) -> ROMEEditor:
         config = self._method_config(method).resolved_for(self._model)
         key = json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._editors:
