@@ -137,10 +137,13 @@ def _structural_layout(model: nn.Module) -> ModelLayout:
     mlp_child = next((c for c in _MLP_CHILD_NAMES if hasattr(first, c)), None)
     mlp_rel = f".{mlp_child}" if mlp_child else ""
     mlp = first.get_submodule(mlp_child) if mlp_child else first
+    # Modules inside a PEFT wrapper (its base_layer, lora_A/lora_B) are parts of the wrapped projection.
+    wrappers = [name for name, mod in mlp.named_modules() if name and base_layer(mod) is not mod]
     candidates = []
     for name, mod in mlp.named_modules():
         shape = _projection_shape(mod)
-        if shape and shape[1] == hidden and shape[0] != hidden and not name.endswith("base_layer"):
+        inside_wrapper = any(name.startswith(w + ".") for w in wrappers)
+        if shape and shape[1] == hidden and shape[0] != hidden and not inside_wrapper:
             candidates.append(name)
     if len(candidates) != 1:
         raise UnsupportedArchitectureError(

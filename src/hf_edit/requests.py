@@ -43,7 +43,9 @@ class EditRequest:
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "subject", "target_new"):
+        for name in ("prompt", "subject", "target_new", "target_true"):
+            if name == "target_true" and self.target_true is None:
+                continue
             if not isinstance(getattr(self, name), str):
                 raise InvalidRequestError(f"EditRequest.{name} must be a string, got {type(getattr(self, name))}.")
         count = self.prompt.count(PLACEHOLDER)

@@ -129,10 +129,10 @@ class ROMEConfig:
         if self.layers is not None and len(self.layers) == 0:
             raise ConfigError("layers is empty.")
         for name in ("v_lr", "clamp_norm_factor", "mom2_n_samples"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # written so that NaN fails too
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
         for name in ("kl_factor", "v_weight_decay", "mom2_damping"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}.")
 
     @classmethod
