@@ -1,4 +1,4 @@
-"""FT / FT+L: the reference's loss and schedule, the L-infinity clamp, joint training, restoration, configs."""
+"""FT / FT+L: the reference's loss and schedule, the L∞ clamp, joint training, restoration, configs."""
 
 from __future__ import annotations
 
@@ -72,14 +72,14 @@ def _next_token(model, tokenizer, request) -> int:
         return int(model(**tokenizer(request.filled_prompt, return_tensors="pt")).logits[0, -1].argmax())
 
 
-# -- 1. FT+L: the element-wise clamp, and no change where there is no gradient --------------------------------------
+# -- 1. FT+L: the element-wise clamp, and no change where there is no gradient -------------------------------
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_ftl_clamps_elementwise_and_leaves_zero_gradient_columns(model_type, gpt2_tokenizer):
     model = tiny_model(model_type, vocab_size=len(gpt2_tokenizer))
     dead = 5  # make the projection's input feature 5 exactly 0 for every token: its column gets no gradient
     with torch.no_grad():
-        if model_type == "gpt2":  # c_fc is a Conv1D (in, out): zero output column 5 and its bias -> gelu(0) = 0
+        if model_type == "gpt2":  # c_fc is a Conv1D (in, out): zero output column 5 and its bias: gelu(0) = 0
             model.transformer.h[1].mlp.c_fc.weight[:, dead] = 0
             model.transformer.h[1].mlp.c_fc.bias[dead] = 0
         else:  # down_proj input = act(gate(x)) * up(x): zero row 5 of up_proj
@@ -106,7 +106,7 @@ def test_ftl_clamps_elementwise_and_leaves_zero_gradient_columns(model_type, gpt
         assert update.delta_bias is None and update.info["max_abs_delta_bias"] is None
 
 
-# -- 2. FT edits ----------------------------------------------------------------------------------------------------
+# -- 2. FT edits ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_ft_flips_the_prediction(model_type, gpt2_tokenizer):
@@ -120,7 +120,7 @@ def test_ft_flips_the_prediction(model_type, gpt2_tokenizer):
     assert _next_token(model, gpt2_tokenizer, PARIS) == target
 
 
-# -- 3. the loss ----------------------------------------------------------------------------------------------------
+# -- 3. the loss ---------------------------------------------------------------------------------------------
 
 def _alone(model, tokenizer, request, teacher_forced: bool) -> torch.Tensor:
     """−mean log p over the target's ids, running the request alone (no padding)."""
@@ -194,7 +194,7 @@ def test_one_step_is_adam_on_the_reference_loss(model_type, gpt2_tokenizer):
         torch.testing.assert_close(update.delta_bias, expected[1], rtol=1e-4, atol=1e-8)
 
 
-# -- 4. joint training ------------------------------------------------------------------------------------------------
+# -- 4. joint training ---------------------------------------------------------------------------------------
 
 def test_requests_are_trained_jointly(gpt2, gpt2_tokenizer):
     requests = [PARIS, JORDAN]
@@ -227,7 +227,7 @@ def test_several_layers_train_jointly(gpt2, gpt2_tokenizer):
     assert updates[0].info["steps"] == updates[1].info["steps"] == 3
 
 
-# -- 5. early stop ----------------------------------------------------------------------------------------------------
+# -- 5. early stop -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("norm_constraint", [None, 1e-3])
 def test_early_stop_takes_no_step(gpt2, gpt2_tokenizer, norm_constraint):
@@ -239,7 +239,7 @@ def test_early_stop_takes_no_step(gpt2, gpt2_tokenizer, norm_constraint):
     assert torch.equal(update.delta_bias, torch.zeros_like(update.delta_bias))
 
 
-# -- 6. the model is left as it was -----------------------------------------------------------------------------------
+# -- 6. the model is left as it was --------------------------------------------------------------------------
 
 def test_model_is_unchanged_after_compute(gpt2, gpt2_tokenizer):
     gpt2.train()
@@ -295,23 +295,26 @@ def test_peft_wrapped_target_trains_the_base_layer(gpt2, gpt2_tokenizer):
         with peft_model.disable_adapter():
             without = prompt_last_loss(peft_model, gpt2_tokenizer, [PARIS]).item()
     assert abs(with_lora - without) > 1e-4
-    (update,) = FTEditor(peft_model, gpt2_tokenizer, FTConfig(layers=1, lr=1e-3, num_steps=2)).compute([PARIS])
+    editor = FTEditor(peft_model, gpt2_tokenizer, FTConfig(layers=1, lr=1e-3, num_steps=2))
+    (update,) = editor.compute([PARIS])
     assert update.target.name == "transformer.h.1.mlp.c_proj" and update.target.is_conv1d
     assert update.delta_weight.shape == (64, 128) and update.delta_weight.abs().max() > 0
-    assert update.info["epoch_losses"][0] == pytest.approx(with_lora, rel=1e-6)  # computed with the LoRA active
+    assert update.info["epoch_losses"][0] == pytest.approx(with_lora, rel=1e-6)  # with the LoRA active
     _assert_unchanged(peft_model, snapshot)
 
 
-# -- 7. configuration -------------------------------------------------------------------------------------------------
+# -- 7. configuration ----------------------------------------------------------------------------------------
 
 def test_presets():
     assert ft_preset_for("gpt2-xl", constrained=False) == FTConfig(layers=(1,))
-    assert ft_preset_for("openai-community/gpt2-xl", constrained=True) == FTConfig(layers=(0,), norm_constraint=5e-4)
+    assert ft_preset_for("openai-community/gpt2-xl", constrained=True) == \
+        FTConfig(layers=(0,), norm_constraint=5e-4)
     assert ft_preset_for("gpt2-medium", constrained=True).norm_constraint == 2e-3
     assert ft_preset_for("gpt2-large", constrained=True).norm_constraint == 1e-3
     assert ft_preset_for("gpt2-large", constrained=False).layers == (1,)
     assert ft_preset_for("EleutherAI/gpt-j-6B", constrained=False) == FTConfig(layers=(21,))
-    assert ft_preset_for("EleutherAI/gpt-j-6b", constrained=True) == FTConfig(layers=(0,), norm_constraint=5e-5)
+    assert ft_preset_for("EleutherAI/gpt-j-6b", constrained=True) == \
+        FTConfig(layers=(0,), norm_constraint=5e-5)
     assert ft_preset_for("some/model", constrained=True) == FTConfig(layers=(0,), norm_constraint=5e-4)
     assert ft_preset_for(None, constrained=False) == FTConfig()
     for preset in (*FT_PRESETS.values(), *FTL_PRESETS.values()):
@@ -337,8 +340,10 @@ def test_reference_json(gpt2, gpt2_tokenizer, tmp_path, caplog):
     path.write_text(__import__("json").dumps(config.to_dict()))
     assert FTConfig.from_json(path) == config
     assert FTConfig.from_dict(dict(REFERENCE_JSON, norm_constraint=False, batch_size=64)) == \
-        FTConfig(layers=(0,), norm_constraint=None, batch_size=64, rewrite_module_tmp="transformer.h.{}.mlp.c_proj")
-    with caplog.at_level(logging.WARNING, logger="hf_edit.methods.ft"):  # the reference's type(x) is float quirk
+        FTConfig(layers=(0,), norm_constraint=None, batch_size=64,
+                 rewrite_module_tmp="transformer.h.{}.mlp.c_proj")
+    # The reference's `type(x) is float` quirk: an integer ε means no constraint.
+    with caplog.at_level(logging.WARNING, logger="hf_edit.methods.ft"):
         assert FTConfig.from_dict(dict(REFERENCE_JSON, norm_constraint=1)).norm_constraint is None
     assert "no constraint" in caplog.text
     with pytest.raises(ConfigError, match="wd_power_law"):
@@ -359,7 +364,8 @@ def test_invalid_config(bad):
 
 def test_target_modules(gpt2, gpt2_tokenizer):
     with pytest.raises(ConfigError, match="LayerNorm"):
-        FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=0, rewrite_module_tmp="transformer.h.{}.ln_2")).targets()
+        FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=0, rewrite_module_tmp="transformer.h.{}.ln_2")
+                 ).targets()
     with pytest.raises(LayerOutOfRangeError):
         FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=5)).targets()
     (attn,) = _compute(gpt2, gpt2_tokenizer, [PARIS], layers=2, num_steps=1,
@@ -376,7 +382,7 @@ def test_bad_requests_fail_fast(gpt2, gpt2_tokenizer):
         editor.compute([])
 
 
-# -- 8. storage as a full-rank LoRA -----------------------------------------------------------------------------------
+# -- 8. storage as a full-rank LoRA --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_factors_are_identity_times_delta(model_type, gpt2_tokenizer):

@@ -1,29 +1,31 @@
-"""FT and FT+L: fine-tuning one projection on the edit prompts (the baselines of Meng et al. 2022, Zhu et al. 2020).
+"""FT and FT+L: fine-tuning one projection on the edit prompts (baselines of ROME, Meng et al. 2022).
 
 This reproduces what the reference implementation computes (kmeng01/rome ``baselines/ft/ft_main.py``), not the
 paper's description of it (see the design notes, rome-spec §12-§13):
 
 * **Trained parameters**: the **weight and the bias** of one projection per configured layer (the MLP output
-  projection found by architecture discovery, or any ``nn.Linear``/``Conv1D`` named by ``rewrite_module_tmp``),
-  looked up exactly (the reference selects every parameter whose name *contains* the template).  Everything else
-  is frozen; the model runs in eval mode (no dropout).  All requests and all target modules are trained **jointly**
-  by one Adam optimiser.
-* **Inputs**: the bare prompts (``request.filled_prompt``, no context templates), right-padded, with an attention
-  mask.  Targets are ``" " + target_new`` tokenised without special tokens.
-* **Loss** ``"prompt_last"`` (the reference's): at the prompt's last token, the log-softmax is read at **every**
-  target id (a multi-token target is a bag of tokens predicted at one position, no teacher forcing); the negative
-  mean over the example's target ids, then the mean over the batch.  For single-token targets this is the paper's
-  −log P[o* | p].  ``"autoregressive"`` is hf_edit's alternative, **not the paper's nor the reference's**: the
-  input is prompt + target[:-1] and every target token is scored teacher-forced at its own position.
-* **Schedule**: ``num_steps`` epochs; each epoch walks the requests in chunks of ``batch_size`` (in order).  Per
-  chunk: forward; an Adam step only if the chunk's loss is at least ``early_stop_loss``; then, for FT+L, every
-  trained tensor is clamped element-wise to [w₀ − ε, w₀ + ε] (after every chunk, stepped or not).  After an epoch
-  whose size-weighted mean chunk loss is below ``early_stop_loss`` training stops.
+  projection found by architecture discovery, or any ``nn.Linear``/``Conv1D`` named by
+  ``rewrite_module_tmp``), looked up exactly (the reference selects every parameter whose name *contains* the
+  template).  Everything else is frozen; the model runs in eval mode (no dropout).  All requests and all
+  target modules are trained **jointly** by one Adam optimiser.
+* **Inputs**: the bare prompts (``request.filled_prompt``, no context templates), right-padded, with an
+  attention mask.  Targets are ``" " + target_new`` tokenised without special tokens.
+* **Loss** ``"prompt_last"`` (the reference's): at the prompt's last token, the log-softmax is read at
+  **every** target id (a multi-token target is a bag of tokens predicted at one position, no teacher forcing);
+  the negative mean over the example's target ids, then the mean over the batch.  For single-token targets
+  this is the paper's −log P[o* | p].  ``"autoregressive"`` is hf_edit's alternative, **not the paper's nor
+  the reference's**: the input is prompt + target[:-1] and every target token is scored teacher-forced at its
+  own position.
+* **Schedule**: ``num_steps`` epochs; each epoch walks the requests in chunks of ``batch_size`` (in order).
+  Per chunk: forward; an Adam step only if the chunk's loss is at least ``early_stop_loss``; then, for FT+L,
+  every trained tensor is clamped element-wise to [w₀ − ε, w₀ + ε] (after every chunk, stepped or not).  After
+  an epoch whose size-weighted mean chunk loss is below ``early_stop_loss`` training stops.
 * **Output**: Δ = w − w₀ per module (weight and bias); the model's tensors are restored bit for bit.
 
 Precision: float32 models train exactly as the reference.  For float16/bfloat16 models hf_edit keeps a float32
-master copy of each trained tensor (Adam state, steps and clamp in float32; the model's tensor is the master cast to
-its dtype before each forward), and the loss is computed from float32 logits; the returned deltas are float32.
+master copy of each trained tensor (Adam state, steps and clamp in float32; the model's tensor is the master
+cast to its dtype before each forward), and the loss is computed from float32 logits; the returned deltas are
+float32.
 
 hf_edit stores a dense delta as a full-rank LoRA (B = identity, A = ΔW, ``lora_B.bias`` = Δb), see
 :meth:`DenseUpdate.factors`.
@@ -62,7 +64,8 @@ logger = logging.getLogger(__name__)
 FTLoss = Literal["prompt_last", "autoregressive"]
 
 #: Reference hyperparameter keys naming modules that hf_edit finds by itself; accepted and ignored.
-_REFERENCE_ONLY_KEYS = {"layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module"}
+_REFERENCE_ONLY_KEYS = {"layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+                        "lm_head_module"}
 
 #: Layer of FT+L when neither ``layers`` nor a preset is given: every shipped FT+L config edits layer 0.
 DEFAULT_FTL_LAYER = 0
@@ -73,8 +76,8 @@ DEFAULT_FTL_EPSILON = 5e-4
 def _default_layer(n_layers: int, constrained: bool) -> int:
     """The documented default layer: 0 for FT+L (all shipped FT+L configs), ``n // 3`` for FT.
 
-    The shipped unconstrained choices disagree (gpt2-xl: layer 1 of 48, GPT-J: 21 of 28), so for FT hf_edit uses
-    the same rule as ROME's default, the early-middle MLP where causal tracing locates factual recall.
+    The shipped unconstrained choices disagree (gpt2-xl: layer 1 of 48, GPT-J: 21 of 28), so for FT hf_edit
+    uses the same rule as ROME's default, the early-middle MLP where causal tracing locates factual recall.
     """
     return DEFAULT_FTL_LAYER if constrained else n_layers // 3
 
@@ -82,21 +85,24 @@ def _default_layer(n_layers: int, constrained: bool) -> int:
 def _parse_norm_constraint(value: Any, *, reference: bool) -> float | None:
     """``norm_constraint`` as ε or ``None``.
 
-    ``None``/``False`` mean no constraint.  With ``reference=True`` (values from a reference JSON file) an integer
-    or ``True`` also means no constraint, as in the reference's ``type(x) is float`` test, with a warning.
+    ``None``/``False`` mean no constraint.  With ``reference=True`` (values from a reference JSON file) an
+    integer or ``True`` also means no constraint, as in the reference's ``type(x) is float`` test, with a
+    warning.
     """
     if value is None or value is False:
         return None
     if isinstance(value, numbers.Integral):  # includes True
         if reference:
             logger.warning(
-                "norm_constraint=%r is not a float: the reference implementation treats it as 'no constraint' "
-                "(type(x) is float), and so does FTConfig.from_dict. Write %r for an L-infinity constraint.",
+                "norm_constraint=%r is not a float: the reference implementation treats it as "
+                "'no constraint' (type(x) is float), and so does FTConfig.from_dict. Write %r for an "
+                "L-infinity constraint.",
                 value, float(value))
             return None
         raise ConfigError(
-            f"norm_constraint must be a float ε > 0 (FT+L) or None/False (FT), got {type(value).__name__} {value!r}. "
-            f"The reference ignores non-float values; write {float(value)!r} for a constraint or None for none.")
+            f"norm_constraint must be a float ε > 0 (FT+L) or None/False (FT), got {type(value).__name__} "
+            f"{value!r}. The reference ignores non-float values; write {float(value)!r} for a constraint or "
+            "None for none.")
     if not isinstance(value, numbers.Real):
         raise ConfigError(f"norm_constraint must be a float ε > 0 or None, got {value!r}.")
     value = float(value)
@@ -110,22 +116,25 @@ class FTConfig:
     """Hyperparameters of FT / FT+L, with the reference implementation's names and defaults.
 
     Args:
-        layers: decoder layer(s) whose projection is trained (0-based; all jointly).  ``None``: the preset for the
-            model id (``model.config.name_or_path``) if there is one, else layer 0 for FT+L (``norm_constraint``
-            set; every shipped FT+L config) and ``num_hidden_layers // 3`` for FT (as ROME's default).
-        rewrite_module_tmp: module path with ``{}`` for the layer (e.g. ``"transformer.h.{}.attn.c_attn"``); any
-            ``nn.Linear`` or ``Conv1D``.  Default: the MLP output projection found by architecture discovery.
+        layers: decoder layer(s) whose projection is trained (0-based; all jointly).  ``None``: the preset for
+            the model id (``model.config.name_or_path``) if there is one, else layer 0 for FT+L
+            (``norm_constraint`` set; every shipped FT+L config) and ``num_hidden_layers // 3`` for FT (as
+            ROME's default).
+        rewrite_module_tmp: module path with ``{}`` for the layer (e.g. ``"transformer.h.{}.attn.c_attn"``);
+            any ``nn.Linear`` or ``Conv1D``.  Default: the MLP output projection found by architecture
+            discovery.
         lr: Adam learning rate.
         num_steps: number of epochs over the requests.
         batch_size: requests per optimiser step (chunks, in order).
         norm_constraint: ε of FT+L: after every chunk each trained tensor is clamped element-wise to
-            [w₀ − ε, w₀ + ε].  ``None`` or ``False``: unconstrained FT.  Must be a float > 0; :meth:`from_dict`
-            follows the reference and treats an integer as "no constraint" (with a warning).
+            [w₀ − ε, w₀ + ε].  ``None`` or ``False``: unconstrained FT.  Must be a float > 0;
+            :meth:`from_dict` follows the reference and treats an integer as "no constraint" (with a warning).
         weight_decay: Adam's (coupled, L2) weight decay.
         loss: ``"prompt_last"`` (reference: every target token scored at the prompt's last position) or
-            ``"autoregressive"`` (hf_edit's option, not the paper's: teacher-forced next-token NLL over the target).
-        early_stop_loss: skip the step of a chunk whose loss is below this; stop after an epoch whose mean loss is
-            below it (hard-coded 1e-2 in the reference).
+            ``"autoregressive"`` (hf_edit's option, not the paper's: teacher-forced next-token NLL over the
+            target).
+        early_stop_loss: skip the step of a chunk whose loss is below this; stop after an epoch whose mean
+            loss is below it (hard-coded 1e-2 in the reference).
         kl_factor: present in the reference's files but unused there; must be 0.
     """
 
@@ -152,7 +161,8 @@ class FTConfig:
                 raise ConfigError(f"layers must be integers, got {layers!r}.")
             layers = tuple(int(x) for x in layers)
         object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "norm_constraint", _parse_norm_constraint(self.norm_constraint, reference=False))
+        norm_constraint = _parse_norm_constraint(self.norm_constraint, reference=False)
+        object.__setattr__(self, "norm_constraint", norm_constraint)
         self._validate()
 
     def _validate(self) -> None:
@@ -171,8 +181,8 @@ class FTConfig:
         if not isinstance(self.early_stop_loss, numbers.Real) or math.isnan(self.early_stop_loss):
             raise ConfigError(f"early_stop_loss must be a number, got {self.early_stop_loss!r}.")
         if self.kl_factor != 0:
-            raise ConfigError(f"kl_factor={self.kl_factor!r}: the reference's FT never uses a KL term; only 0 is "
-                              "accepted (the key exists so that the reference's files load).")
+            raise ConfigError(f"kl_factor={self.kl_factor!r}: the reference's FT has no KL term; only 0 "
+                              "is accepted (the key exists so that the reference's files load).")
         if self.rewrite_module_tmp is not None and not isinstance(self.rewrite_module_tmp, str):
             raise ConfigError(f"rewrite_module_tmp must be a string, got {self.rewrite_module_tmp!r}.")
 
@@ -188,8 +198,8 @@ class FTConfig:
         values = dict(values)
         if "wd_power_law" in values:
             raise ConfigError(
-                "wd_power_law (kmeng01/memit's GPT-J_wd: weight decay scaled with the number of edits) is not "
-                "supported; set weight_decay explicitly instead.")
+                "wd_power_law (kmeng01/memit's GPT-J_wd: weight decay scaled with the number of edits) is "
+                "not supported; set weight_decay explicitly instead.")
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known - _REFERENCE_ONLY_KEYS
         if unknown:
@@ -251,8 +261,9 @@ def _lookup(presets: Mapping[str, dict[str, Any]], model_id: str | None) -> dict
 def ft_preset_for(model_id: str | None, constrained: bool) -> FTConfig:
     """The shipped config for a model id (``"gpt2-xl"``, ``"openai-community/gpt2-xl"``, ...).
 
-    ``constrained=False`` is method ``"ft"``, ``True`` is ``"ft+l"``.  Unknown models: FT gets the defaults with
-    ``layers=None`` (resolved to ``num_hidden_layers // 3``); FT+L gets layer 0 and ε = 5e-4 (the gpt2-xl value).
+    ``constrained=False`` is method ``"ft"``, ``True`` is ``"ft+l"``.  Unknown models: FT gets the defaults
+    with ``layers=None`` (resolved to ``num_hidden_layers // 3``); FT+L gets layer 0 and ε = 5e-4 (the gpt2-xl
+    value).
     """
     preset = _lookup(FTL_PRESETS if constrained else FT_PRESETS, model_id)
     if preset is not None:
@@ -268,11 +279,15 @@ class DenseUpdate:
 
     Attributes:
         target: the trained module.
-        delta_weight: ΔW in the ``nn.Linear`` orientation (out_features, in_features), float32, CPU (for GPT-2's
-            Conv1D, whose weight is stored (in, out), this is the transpose of the weight's change).
+        delta_weight: ΔW in the ``nn.Linear`` orientation (out_features, in_features), float32, CPU (for
+            GPT-2's Conv1D, whose weight is stored (in, out), this is the transpose of the weight's change).
         delta_bias: Δb, (out_features,), float32, CPU; ``None`` when the module has no bias.
-        info: diagnostics of the joint training (shared by the updates of one :meth:`FTEditor.compute`), plus
-            ``max_abs_delta_weight`` / ``max_abs_delta_bias`` of this module.
+        info: diagnostics of the joint training (shared by the updates of one :meth:`FTEditor.compute`):
+            ``epochs`` run, optimiser ``steps`` taken, ``batches`` run, ``loss`` (mean loss of the last epoch,
+            measured before its steps), ``epoch_losses``, ``early_stopped`` (an epoch's mean loss fell below
+            ``early_stop_loss``), ``epsilon`` (ε or ``None``), ``objective``, ``lr``, ``batch_size``,
+            ``num_steps``, ``n_requests``, ``modules``, ``time_s``; plus ``max_abs_delta_weight`` and
+            ``max_abs_delta_bias`` (``None`` without bias) of this module.
     """
 
     target: EditTarget
@@ -281,7 +296,9 @@ class DenseUpdate:
     info: dict[str, Any] = field(default_factory=dict)
 
     def factors(self) -> LoraFactors:
-        """Full-rank LoRA factors: B = identity (out × out), A = ΔW (out × in), bias = Δb; B @ A == ΔW exactly."""
+        """Full-rank LoRA factors: B = identity (out × out), A = ΔW (out × in), bias = Δb.
+
+        B @ A == ΔW exactly (a product with the identity involves no rounding)."""
         out_features = self.delta_weight.shape[0]
         eye = torch.eye(out_features, dtype=self.delta_weight.dtype, device=self.delta_weight.device)
         return LoraFactors(A=self.delta_weight.clone(), B=eye,
@@ -292,7 +309,7 @@ class DenseUpdate:
         return self.delta_weight.T if self.target.is_conv1d else self.delta_weight
 
 
-# -- the loss -------------------------------------------------------------------------------------------------------
+# -- the loss ------------------------------------------------------------------------------------------------
 
 @dataclass
 class _Batch:
@@ -366,19 +383,19 @@ def ft_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Edit
     return _batch_loss(model, batch, per_example)
 
 
-def prompt_last_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: EditRequest | Iterable[Any],
-                     *, per_example: bool = False) -> torch.Tensor:
+def prompt_last_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     requests: EditRequest | Iterable[Any], *, per_example: bool = False) -> torch.Tensor:
     """The reference's FT loss: all target ids scored at each prompt's last token (see :func:`ft_loss`)."""
     return ft_loss(model, tokenizer, requests, "prompt_last", per_example=per_example)
 
 
-def autoregressive_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: EditRequest | Iterable[Any],
-                        *, per_example: bool = False) -> torch.Tensor:
+def autoregressive_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                        requests: EditRequest | Iterable[Any], *, per_example: bool = False) -> torch.Tensor:
     """Teacher-forced NLL of the target tokens after the prompt (hf_edit's option; see :func:`ft_loss`)."""
     return ft_loss(model, tokenizer, requests, "autoregressive", per_example=per_example)
 
 
-# -- the editor -----------------------------------------------------------------------------------------------------
+# -- the editor ----------------------------------------------------------------------------------------------
 
 class _Trained:
     """One trained tensor: the model's parameter, its original value and the tensor the optimiser updates."""
@@ -388,7 +405,7 @@ class _Trained:
         self.original = param.detach().clone()
         self.original_grad = param.grad
         self.original32 = self.original if param.dtype == torch.float32 else self.original.float()
-        # float32 models: the optimiser updates the parameter itself (the reference); else a float32 master copy.
+        # float32: the optimiser updates the parameter itself (as the reference); else a float32 master copy.
         self.master = param if param.dtype == torch.float32 else self.original32.clone().requires_grad_(True)
 
     @property
@@ -418,8 +435,9 @@ class FTEditor:
     """Computes FT / FT+L updates for one model.
 
     Args:
-        model: the causal LM as edited so far (edits active), possibly a ``PeftModel`` whose target module is a LoRA
-            wrapper: then the wrapped base layer's weight and bias are trained with the adapters active.
+        model: the causal LM as edited so far (edits active), possibly a ``PeftModel`` whose target module is
+            a LoRA wrapper: then the wrapped base layer's weight and bias are trained with the adapters
+            active.
         tokenizer: its tokenizer.
         config: the FT hyperparameters (``layers`` resolved with :meth:`FTConfig.resolved_for`).
         progress: show a progress bar over epochs.
@@ -455,8 +473,8 @@ class FTEditor:
     def compute(self, requests: EditRequest | Iterable[Any]) -> list[DenseUpdate]:
         """Train the target modules jointly on all ``requests``; one :class:`DenseUpdate` per target module.
 
-        The model is not modified: its trained tensors are restored bit for bit, and the ``requires_grad`` flags,
-        ``.grad`` attributes and train/eval mode are restored, also when an error is raised.
+        The model is not modified: its trained tensors are restored bit for bit, and the ``requires_grad``
+        flags, ``.grad`` attributes and train/eval mode are restored, also when an error is raised.
 
         Raises:
             InvalidRequestError: a request does not fit the tokenizer (or there are none).
@@ -495,12 +513,13 @@ class FTEditor:
                     t.param.requires_grad_(True)
                     t.param.grad = None
                 stats = self._train(batches, tensors)
-                deltas = [(target, w.delta() if w else None, b.delta() if b else None) for target, w, b in trained]
+                deltas = [(target, w.delta() if w else None, b.delta() if b else None)
+                          for target, w, b in trained]
             finally:
                 for t in tensors:
                     t.restore()
         for _, dw, db in deltas:
-            if (dw is not None and not torch.isfinite(dw).all()) or (db is not None and not torch.isfinite(db).all()):
+            if any(d is not None and not torch.isfinite(d).all() for d in (dw, db)):
                 raise OptimizationError("The FT update is not finite. Nothing was applied; try a smaller lr.")
 
         info = dict(stats, objective=cfg.loss, lr=cfg.lr, batch_size=cfg.batch_size, num_steps=cfg.num_steps,
@@ -539,8 +558,8 @@ class FTEditor:
                     value = loss.item()
                     if not math.isfinite(value):
                         raise OptimizationError(
-                            f"The FT loss became {value} in epoch {epoch}, batch {b}. Nothing was applied; try a "
-                            "smaller lr or check the model's precision.")
+                            f"The FT loss became {value} in epoch {epoch}, batch {b}. Nothing was applied; "
+                            "try a smaller lr or check the model's precision.")
                     logger.debug("FT epoch %d batch %d loss %.6g", epoch, b, value)
                     total += value * batch.n_examples
                     count += batch.n_examples
