@@ -93,7 +93,7 @@ def test_disable_and_remove_restore_the_original_bitwise(gpt2_tokenizer, config)
     with edited.disable_edits():
         assert torch.equal(_logits(edited, gpt2_tokenizer), expected)
     assert not torch.equal(_logits(edited, gpt2_tokenizer), expected)
-    removed = edited.remove_edit(0)
+    (removed,) = edited.remove_edit(0)
     assert removed.request == REQUESTS[0] and len(edited.edits) == 1
     only_second = copy.deepcopy(original)
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_save_writes_adapter_and_manifest(tmp_path, gpt2_tokenizer, config):
     assert adapter_config["base_model_name_or_path"] == str(base_dir)
     manifest = json.loads((edit_dir / MANIFEST_NAME).read_text())
     assert manifest["base_model"] == str(base_dir)
-    assert [e["request"]["subject"] for e in manifest["edits"]] == [r.subject for r in REQUESTS[:2]]
+    assert [e["requests"][0]["subject"] for e in manifest["edits"]] == [r.subject for r in REQUESTS[:2]]
     first = manifest["edits"][0]
     assert first["method"] == "rome" and first["rank"] == 1 and first["layer"] == 1
     assert first["config"]["key_mode"] == "original"
@@ -207,7 +207,7 @@ def test_manifest_that_disagrees_with_the_adapter_is_rejected(tmp_path, gpt2_tok
     manifest = json.loads((edit_dir / MANIFEST_NAME).read_text())
     manifest["edits"] = manifest["edits"][:1]
     (edit_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(EditFolderError, match="does not match"):
+    with pytest.raises(EditFolderError, match="do not match"):
         EditedModel.from_pretrained(edit_dir, progress=False)
 
 

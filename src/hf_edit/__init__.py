@@ -12,6 +12,7 @@ Quick start::
 from .architecture import EditTarget, ModelLayout, find_layout, resolve_target
 from .edited_model import Edit, EditedModel
 from .errors import HfEditError
+from .methods.ft import FTConfig
 from .methods.rome import ROMEConfig
 from .requests import EditRequest
 from .stats import SecondMomentStats
@@ -22,6 +23,7 @@ __all__ = [
     "Edit",
     "EditRequest",
     "ROMEConfig",
+    "FTConfig",
     "SecondMomentStats",
     "EditTarget",
     "ModelLayout",

@@ -24,9 +24,9 @@ from torch import nn
 
 from .architecture import unwrap_model
 
-__all__ = ["LoraFactors", "ADAPTER_NAME", "lora_config", "attach_adapter", "read_adapter_factors", "quiet_peft"]
+__all__ = ["LoraFactors", "ADAPTER_NAME", "lora_config", "attach_adapters", "read_adapter_factors", "quiet_peft"]
 
-#: hf_edit keeps all edits in PEFT's default adapter, which ``save_pretrained`` writes at the folder's root.
+#: The first adapter is PEFT's default one, which ``save_pretrained`` writes at the folder's root.
 ADAPTER_NAME = "default"
 
 _HARMLESS_WARNINGS = (
@@ -71,7 +71,11 @@ class LoraFactors:
         return LoraFactors(A=torch.cat([p.A for p in parts], 0), B=torch.cat([p.B for p in parts], 1), bias=bias)
 
     def split(self, ranks: list[int]) -> list[LoraFactors]:
-        """Inverse of :meth:`concat` for factor parts (bias stays with the parts that had one)."""
+        """Inverse of :meth:`concat`; a bias can only be attributed when there is a single part."""
+        if len(ranks) == 1:
+            return [self]
+        if self.bias is not None and bool(self.bias.any()):
+            raise ValueError("Cannot split factors with a bias delta into several parts.")
         out, start = [], 0
         for r in ranks:
             out.append(LoraFactors(A=self.A[start:start + r], B=self.B[:, start:start + r]))
@@ -99,19 +103,35 @@ def _lora_layer(peft_model: PeftModel, name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def attach_adapter(model: nn.Module, factors: Mapping[str, LoraFactors], conv1d: Mapping[str, bool], *,
-                   base_model_name_or_path: str | None = None, revision: str | None = None) -> PeftModel:
-    """Wrap ``model`` in a ``PeftModel`` whose default adapter holds exactly ``factors``."""
-    config = lora_config(factors, conv1d, base_model_name_or_path=base_model_name_or_path, revision=revision)
-    with quiet_peft():
-        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+def _write_factors(peft_model: PeftModel, adapter_name: str, factors: Mapping[str, LoraFactors]) -> None:
     for name, f in factors.items():
         layer = _lora_layer(peft_model, name)
-        a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+        a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         a.weight.copy_(f.A)
         b.weight.copy_(f.B)
         if b.bias is not None:
             b.bias.copy_(f.bias if f.bias is not None else torch.zeros_like(b.bias))
+
+
+def attach_adapters(model: nn.Module, adapters: list[tuple[str, Mapping[str, LoraFactors]]],
+                    conv1d: Mapping[str, bool], *, base_model_name_or_path: str | None = None,
+                    revision: str | None = None) -> PeftModel:
+    """Wrap ``model`` in a ``PeftModel`` holding the named adapters, in order, all active at once.
+
+    The first adapter must be named :data:`ADAPTER_NAME`.
+    """
+    peft_model = None
+    with quiet_peft():
+        for name, factors in adapters:
+            config = lora_config(factors, conv1d, base_model_name_or_path=base_model_name_or_path,
+                                 revision=revision)
+            if peft_model is None:
+                peft_model = get_peft_model(model, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
+            _write_factors(peft_model, name, factors)
+    # PeftModel.set_adapter takes one name; the tuner activates several (their deltas add up).
+    peft_model.base_model.set_adapter([name for name, _ in adapters])
     return peft_model.eval()
 
 

@@ -22,9 +22,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import ADAPTER_NAME, LoraFactors, attach_adapter, quiet_peft, read_adapter_factors
+from .adapters import ADAPTER_NAME, LoraFactors, attach_adapters, quiet_peft, read_adapter_factors
 from .architecture import base_layer, unwrap_model
 from .errors import EditFolderError, HfEditError, UnknownMethodError
+from .methods.ft import FTConfig, FTEditor, ft_preset_for
 from .methods.rome import ROMEConfig, ROMEEditor, rome_preset_for
 from .requests import EditRequest, as_request, as_requests
 from .stats import SecondMomentStats
@@ -38,38 +39,56 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "hf_edit.json"
 MANIFEST_FORMAT = "hf_edit.edits.v1"
 
-MethodSpec = str | ROMEConfig | Mapping[str, Any]
+MethodSpec = str | ROMEConfig | FTConfig | Mapping[str, Any]
+MethodConfig = ROMEConfig | FTConfig
+Editor = ROMEEditor | FTEditor
 RequestLike = EditRequest | Mapping[str, Any]
 
 
 @dataclass
 class Edit:
-    """One applied edit: the request, where it went, its factors and its diagnostics.
+    """One applied edit of one module: its request(s), its factors and its diagnostics.
 
     Attributes:
-        request: what was edited.
-        method: ``"rome"``.
+        requests: what was edited: one request for ROME; every request trained jointly for FT/FT+L.
+        method: ``"rome"``, ``"ft"`` or ``"ft+l"``.
         module: full name of the edited module.
         layer: its decoder layer.
-        factors: ΔW = B @ A of this edit (float32, CPU).
+        factors: ΔW = B @ A (and Δb) of this edit, float32 on the CPU.
         config: the method's hyperparameters (JSON).
-        info: diagnostics (norms, k·u, steps, losses, templates, statistics fingerprint, timings).
-        key, value: for an edit made in this session, the key k and value v* with W′k + b = v* (not saved).
+        info: diagnostics (ROME: norms, k·u, steps, losses, templates, statistics fingerprint, timings; FT:
+            epochs, steps, losses, ε, max |Δ|).
+        group: edits of one group share a PEFT adapter: consecutive ROME edits, or one FT/FT+L training run.
+        adapter: the name of that adapter (``"default"`` for the first group, then ``"edit_1"``, ...).
+        key, value: ROME edits made in this session: the key k and value v* with W′k + b = v* (not saved).
     """
 
-    request: EditRequest
+    requests: tuple[EditRequest, ...]
     method: str
     module: str
     layer: int | None
     factors: LoraFactors
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    group: int = 0
+    adapter: str = ADAPTER_NAME
     key: torch.Tensor | None = field(default=None, repr=False)
     value: torch.Tensor | None = field(default=None, repr=False)
 
+    @property
+    def request(self) -> EditRequest:
+        """The (first) request of this edit."""
+        return self.requests[0]
+
+    @property
+    def is_dense(self) -> bool:
+        """A full-rank delta trained by FT/FT+L (as opposed to a ROME rank-one update)."""
+        return self.method != "rome"
+
     def manifest_entry(self) -> dict[str, Any]:
         return {"method": self.method, "module": self.module, "layer": self.layer, "rank": self.factors.rank,
-                "request": self.request.to_dict(), "config": self.config, "info": self.info}
+                "adapter": self.adapter, "group": self.group, "requests": [r.to_dict() for r in self.requests],
+                "config": self.config, "info": self.info}
 
 
 def _is_edit_folder(path: str | os.PathLike) -> bool:
@@ -77,7 +96,11 @@ def _is_edit_folder(path: str | os.PathLike) -> bool:
 
 
 class EditedModel:
-    """A causal LM with knowledge edits, each stored as a rank-one (or dense) factor of one PEFT adapter.
+    """A causal LM with knowledge edits, stored as PEFT LoRA adapters that are all active together.
+
+    ROME edits are rank-one factors; consecutive ROME edits stack into one adapter of rank k.  Each FT/FT+L
+    training run is a dense delta in an adapter of its own.  The first adapter is PEFT's ``"default"`` (saved
+    at the folder's root, so plain ``PeftModel.from_pretrained`` loads it); later ones are ``"edit_1"``, ...
 
     Build it with :meth:`from_pretrained`; then :meth:`edit`, :meth:`remove_edit`, :meth:`disable_edits`,
     :meth:`save_pretrained`, :meth:`merge_and_unload`.  Calling the object, ``generate``, ``config`` and ``device``
@@ -103,7 +126,7 @@ class EditedModel:
         self._progress = progress
         self._edits: list[Edit] = list(edits or [])
         self._revision = revision
-        self._editors: dict[str, ROMEEditor] = {}
+        self._editors: dict[str, Editor] = {}
         self._saved_templates: list[str] | None = next(
             (e.info["context_templates"] for e in reversed(self._edits) if "context_templates" in e.info), None)
 
@@ -158,9 +181,13 @@ class EditedModel:
             raise EditFolderError(f"{folder} does not say which base model it edits; pass base_model=...")
         base_revision = revision or manifest.get("base_model_revision")
         base = _load_base(base_id, revision=base_revision, token=token, **model_kwargs)
+        names = list(dict.fromkeys(e.get("adapter", ADAPTER_NAME) for e in manifest.get("edits", [])))
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(base, str(folder), adapter_name=ADAPTER_NAME)
-        edits = _edits_from_manifest(manifest, read_adapter_factors(peft_model), folder)
+            for name in names[1:]:
+                peft_model.load_adapter(str(folder / name), adapter_name=name)
+        peft_model.base_model.set_adapter(names or [ADAPTER_NAME])
+        edits = _edits_from_manifest(manifest, {n: read_adapter_factors(peft_model, n) for n in names}, folder)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(base_id, revision=base_revision, token=token)
         return cls(peft_model, tokenizer, method=method, stats=stats, progress=progress, edits=edits,
@@ -210,12 +237,18 @@ class EditedModel:
         return tuple(self._edits)
 
     def edit(self, requests: RequestLike | Iterable[RequestLike], method: MethodSpec | None = None) -> list[Edit]:
-        """Apply requests one after another, each computed on the model as edited so far.
+        """Apply requests with ROME (one after another, each on the model as edited so far) or FT/FT+L (all
+        requests trained jointly, as the reference does).
 
-        The call is atomic: if any request fails, every edit of this call is undone and the exception re-raised.
+        The call is atomic: if anything fails, every edit of this call is undone and the exception re-raised.
+
+        Args:
+            requests: ``EditRequest`` objects, reference dicts or CounterFact records.
+            method: ``"rome"``, ``"ft"``, ``"ft+l"``, a :class:`ROMEConfig` or :class:`FTConfig`; default: the
+                model's default method.
 
         Returns:
-            The new :class:`Edit` objects (one per request and layer).
+            The new :class:`Edit` objects (ROME: one per request and layer; FT: one per trained module).
         """
         self._require_live()
         requests = as_requests(requests)
@@ -224,15 +257,10 @@ class EditedModel:
             editor.validate(request)
         before = len(self._edits)
         try:
-            for request in requests:
-                for target in editor.targets():
-                    update = editor.compute(request, target)
-                    factors = LoraFactors(A=update.u[None].cpu(), B=update.v[:, None].cpu())
-                    self._edits.append(Edit(request=request, method="rome", module=target.name,
-                                            layer=target.layer, factors=factors,
-                                            config=editor.config.to_dict(), info=update.info,
-                                            key=update.key.cpu(), value=update.value.cpu()))
-                    self._rebuild()
+            if isinstance(editor, ROMEEditor):
+                self._apply_rome(editor, requests)
+            else:
+                self._apply_dense(editor, requests)
         except BaseException:
             if len(self._edits) != before:
                 del self._edits[before:]
@@ -240,10 +268,40 @@ class EditedModel:
             raise
         return self._edits[before:]
 
-    def remove_edit(self, index: int) -> Edit:
-        """Remove the edit at ``index`` (later edits, computed with it present, stay as they are)."""
+    def _apply_rome(self, editor: ROMEEditor, requests: list[EditRequest]) -> None:
+        last = self._edits[-1] if self._edits else None
+        group = last.group if last is not None and not last.is_dense else self._next_group()
+        for request in requests:
+            for target in editor.targets():
+                update = editor.compute(request, target)
+                factors = LoraFactors(A=update.u[None].cpu(), B=update.v[:, None].cpu())
+                self._edits.append(Edit(requests=(request,), method="rome", module=target.name,
+                                        layer=target.layer, factors=factors, config=editor.config.to_dict(),
+                                        info=update.info, group=group, key=update.key.cpu(),
+                                        value=update.value.cpu()))
+                self._rebuild()
+
+    def _apply_dense(self, editor: FTEditor, requests: list[EditRequest]) -> None:
+        group, method = self._next_group(), "ft+l" if editor.config.constrained else "ft"
+        for update in editor.compute(requests):
+            self._edits.append(Edit(requests=tuple(requests), method=method, module=update.target.name,
+                                    layer=update.target.layer, factors=update.factors(),
+                                    config=editor.config.to_dict(), info=update.info, group=group))
+        self._rebuild()
+
+    def _next_group(self) -> int:
+        return max((e.group for e in self._edits), default=-1) + 1
+
+    def remove_edit(self, index: int) -> list[Edit]:
+        """Remove the edit at ``index`` and return what was removed.
+
+        A ROME edit is removed alone (later edits, computed with it present, stay as they are); an FT/FT+L edit
+        is removed together with every module and request of its joint training run.
+        """
         self._require_live()
-        removed = self._edits.pop(index)
+        edit = self._edits[index]
+        removed = [e for e in self._edits if e.group == edit.group] if edit.is_dense else [edit]
+        self._edits = [e for e in self._edits if not any(e is r for r in removed)]
         self._rebuild()
         return removed
 
@@ -272,7 +330,11 @@ class EditedModel:
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the adapter (``adapter_config.json``, ``adapter_model.safetensors``) and the edit manifest."""
+        """Write the adapters and the edit manifest ``hf_edit.json``.
+
+        The first adapter goes to the folder's root (``adapter_config.json``, ``adapter_model.safetensors``); later
+        ones (e.g. an FT delta after ROME edits) go to subfolders named after them, as PEFT lays them out.
+        """
         self._require_live()
         if self._peft is None:
             raise HfEditError("There are no edits to save.")
@@ -281,7 +343,8 @@ class EditedModel:
             self._peft.save_pretrained(str(save_directory), **kwargs)
         manifest = {"format": MANIFEST_FORMAT, "hf_edit_version": __version__,
                     "base_model": self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path,
-                    "base_model_revision": self._revision, "adapter_name": ADAPTER_NAME,
+                    "base_model_revision": self._revision,
+                    "adapters": list(dict.fromkeys(e.adapter for e in self._edits)),
                     "edits": [e.manifest_entry() for e in self._edits]}
         (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
 
@@ -290,43 +353,59 @@ class EditedModel:
         if self._model is None:
             raise HfEditError("This EditedModel was merged with merge_and_unload(); use the returned model.")
 
-    def _method_config(self, method: MethodSpec | None) -> ROMEConfig:
+    def _method_config(self, method: MethodSpec | None) -> MethodConfig:
         if method is None:
-            method = self._edits[-1].config if self._edits else "rome"
-        if isinstance(method, ROMEConfig):
+            if not self._edits:
+                method = "rome"
+            else:
+                last = self._edits[-1]
+                method = (ROMEConfig if last.method == "rome" else FTConfig).from_dict(last.config)
+        if isinstance(method, (ROMEConfig, FTConfig)):
             return method
         if isinstance(method, Mapping):
             return ROMEConfig.from_dict(method)
-        if isinstance(method, str) and method.lower() == "rome":
-            return rome_preset_for(getattr(self._model, "name_or_path", None))
-        raise UnknownMethodError(f"Unknown editing method {method!r}; available: 'rome' or a ROMEConfig.")
+        model_id = getattr(self._model, "name_or_path", None)
+        name = method.lower() if isinstance(method, str) else None
+        if name == "rome":
+            return rome_preset_for(model_id)
+        if name in ("ft", "ft+l"):
+            return ft_preset_for(model_id, constrained=name == "ft+l")
+        raise UnknownMethodError(f"Unknown editing method {method!r}; available: 'rome', 'ft', 'ft+l', or a "
+                                 "ROMEConfig / FTConfig.")
 
-    def _editor(self, method: MethodSpec | None) -> ROMEEditor:
+    def _editor(self, method: MethodSpec | None) -> Editor:
         config = self._method_config(method).resolved_for(self._model)
-        key = json.dumps(config.to_dict(), sort_keys=True)
+        key = type(config).__name__ + json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._editors:
-            templates = self._saved_templates if config.context_templates is None else None
-            self._editors[key] = ROMEEditor(self._model, self.tokenizer, config, stats=self._stats,
-                                            base_context=self.disable_edits, progress=self._progress,
-                                            templates=templates)
+            if isinstance(config, FTConfig):
+                self._editors[key] = FTEditor(self._model, self.tokenizer, config, progress=self._progress)
+            else:
+                templates = self._saved_templates if config.context_templates is None else None
+                self._editors[key] = ROMEEditor(self._model, self.tokenizer, config, stats=self._stats,
+                                                base_context=self.disable_edits, progress=self._progress,
+                                                templates=templates)
         return self._editors[key]
 
     def _rebuild(self) -> None:
-        """Make the adapter hold exactly ``self._edits`` (the base weights are never touched)."""
+        """Make the adapters hold exactly ``self._edits`` (the base weights are never touched)."""
         if self._peft is not None:
             with quiet_peft():
                 self._model = self._peft.unload()
             self._peft = None
         if not self._edits:
             return
-        grouped: dict[str, list[LoraFactors]] = {}
+        groups: dict[int, dict[str, list[LoraFactors]]] = {}
         for e in self._edits:
-            grouped.setdefault(e.module, []).append(e.factors)
-        factors = {name: LoraFactors.concat(parts) for name, parts in grouped.items()}
-        is_conv1d = {name: _is_conv1d(self._model, name) for name in factors}
-        self._peft = attach_adapter(self._model, factors, is_conv1d,
-                                    base_model_name_or_path=getattr(self._model, "name_or_path", None) or None,
-                                    revision=self._revision)
+            groups.setdefault(e.group, {}).setdefault(e.module, []).append(e.factors)
+        names = {group: ADAPTER_NAME if i == 0 else f"edit_{i}" for i, group in enumerate(groups)}
+        for e in self._edits:
+            e.adapter = names[e.group]
+        adapters = [(names[g], {m: LoraFactors.concat(parts) for m, parts in modules.items()})
+                    for g, modules in groups.items()]
+        is_conv1d = {m: _is_conv1d(self._model, m) for _, factors in adapters for m in factors}
+        self._peft = attach_adapters(self._model, adapters, is_conv1d,
+                                     base_model_name_or_path=getattr(self._model, "name_or_path", None) or None,
+                                     revision=self._revision)
 
 
 def _is_conv1d(model: nn.Module, name: str) -> bool:
@@ -350,18 +429,21 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _edits_from_manifest(manifest: dict[str, Any], factors: dict[str, LoraFactors], folder: Path) -> list[Edit]:
-    """Pair the manifest's entries with the adapter's factor columns, checking that they agree."""
+def _edits_from_manifest(manifest: dict[str, Any], factors: dict[str, dict[str, LoraFactors]],
+                         folder: Path) -> list[Edit]:
+    """Pair the manifest's entries with the adapters' factor columns, checking that they agree."""
     entries = manifest.get("edits", [])
-    ranks: dict[str, list[int]] = {}
+    ranks: dict[tuple[str, str], list[int]] = {}
     for entry in entries:
-        ranks.setdefault(entry["module"], []).append(int(entry["rank"]))
-    if set(ranks) != set(factors) or any(sum(r) != factors[m].rank for m, r in ranks.items()):
-        found = {m: f.rank for m, f in factors.items()}
-        expected = {m: sum(r) for m, r in ranks.items()}
-        raise EditFolderError(f"The adapter in {folder} does not match its manifest: modules/ranks {found} in the "
-                              f"adapter, {expected} in {MANIFEST_NAME}.")
-    parts = {m: iter(factors[m].split(r)) for m, r in ranks.items()}
-    return [Edit(request=as_request(e["request"]), method=e["method"], module=e["module"], layer=e.get("layer"),
-                 factors=next(parts[e["module"]]), config=e.get("config", {}), info=e.get("info", {}))
+        ranks.setdefault((entry.get("adapter", ADAPTER_NAME), entry["module"]), []).append(int(entry["rank"]))
+    found = {(a, m): f.rank for a, modules in factors.items() for m, f in modules.items()}
+    expected = {key: sum(r) for key, r in ranks.items()}
+    if found != expected:
+        raise EditFolderError(f"The adapters in {folder} do not match their manifest: (adapter, module) ranks "
+                              f"{found} in the adapters, {expected} in {MANIFEST_NAME}.")
+    parts = {key: iter(factors[key[0]][key[1]].split(r)) for key, r in ranks.items()}
+    return [Edit(requests=tuple(as_request(r) for r in e["requests"]), method=e["method"], module=e["module"],
+                 layer=e.get("layer"), factors=next(parts[(e.get("adapter", ADAPTER_NAME), e["module"])]),
+                 config=e.get("config", {}), info=e.get("info", {}), group=int(e.get("group", 0)),
+                 adapter=e.get("adapter", ADAPTER_NAME))
             for e in entries]
