@@ -1,4 +1,4 @@
-"""Benchmark one ROME edit and the second-moment statistics on the models in ../shared/data.
+"""Benchmark one ROME edit, one FT / FT+L edit and the second-moment statistics on the models in ../shared/data.
 
     python benchmarks/bench_rome.py [--runs 5] [--device cpu|cuda] [--models cf-facts-gpt2 stories260K gpt2-tiny]
 
@@ -8,6 +8,7 @@ Prints one table per measurement, each a median over ``--runs`` runs with the sp
   ``max_memory_allocated``), forward/backward passes, and the split between templates, key, v* and solve;
 * the same edit computed the way the reference implementation does it (full-vocabulary logits at every position,
   a separate forward pass for the bare-prompt key), timed in the same run: the "ratio" column is hf_edit / reference;
+* FT and FT+L (their presets/defaults): time per edit and peak memory;
 * statistics throughput in tokens per second.
 
 ``gpt2-tiny`` is a randomly initialised 3-layer GPT-2 with the real 50,257-token vocabulary: its cost is dominated by
@@ -188,6 +189,24 @@ def bench_edit(name: str, runs: int, device: str, stats_samples: int) -> dict:
     return rows
 
 
+def bench_dense(name: str, runs: int, device: str, method: str) -> dict:
+    """FT or FT+L (the method's preset for the model, else its documented default) on the same request."""
+    model, tokenizer = load(name, device)
+    times, memory, steps = [], [], []
+    for _ in range(runs):
+        edited = EditedModel(model, tokenizer, method=method, progress=False)
+        with peak_memory(device) as peak:
+            start = time.perf_counter()
+            (edit,) = edited.edit(REQUESTS[name])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        memory.append(peak["peak"] / 2**20)
+        steps.append(edit.info["steps"])
+        edited.remove_edit(0)
+    return {"time": times, "memory": memory, "steps": steps, "layer": edit.layer}
+
+
 def bench_stats(name: str, runs: int, device: str, n_texts: int) -> list[float]:
     model, tokenizer = load(name, device)
     target = ROMEEditor(model, tokenizer, ROMEConfig().resolved_for(model)).targets()[0]
@@ -227,6 +246,14 @@ def main() -> None:
     for name, runs in splits.items():
         cols = [statistics.median(s[k] for s in runs) for k in ("templates", "key", "v_star", "solve")]
         print(f"{name:<15} " + " ".join(f"{c:10.4f}" for c in cols))
+
+    print("\nFT and FT+L, one request (seconds and MiB; median (min–max))")
+    print(f"{'model':<15} {'method':<6} {'layer':>5} {'steps':>5} {'time s':>24} {'peak MiB':>24}")
+    for name in args.models:
+        for method in ("ft", "ft+l"):
+            r = bench_dense(name, args.runs, args.device, method)
+            print(f"{name:<15} {method:<6} {r['layer']:>5} {statistics.median(r['steps']):>5.0f} "
+                  f"{median_spread(r['time']):>24} {median_spread(r['memory']):>24}")
 
     print(f"\nSecond-moment statistics, {args.stats_texts} WikiText-2 texts (tokens/s; median (min–max))")
     for name in args.models:

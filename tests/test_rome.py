@@ -223,3 +223,38 @@ def test_float32_statistics_reproduce_float64_update(gpt2_tokenizer, stats_confi
     stats = load_or_compute_stats(model, gpt2_tokenizer, target, dataset=stats_config["mom2_dataset"],
                                   n_samples=300, dtype="float64", max_length=64, progress=False)
     assert stats.fingerprint() == e64.stats_for(target).fingerprint()
+
+
+def test_layers_below_the_edit_run_once_without_changing_v_star(gpt2_tokenizer, stats_config, monkeypatch):
+    import contextlib
+
+    import hf_edit.methods.rome as rome_module
+
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
+    editor, target = _editor(model, gpt2_tokenizer, layers=2, v_num_grad_steps=6, early_stop_loss=0.0,
+                             **stats_config)
+    editor.stats_for(target)
+    calls = {"below": 0, "edited": 0}  # counted on the MLPs, which a replayed layer does not call
+    model.transformer.h[1].mlp.register_forward_hook(lambda *_: calls.__setitem__("below", calls["below"] + 1))
+    model.transformer.h[2].mlp.register_forward_hook(lambda *_: calls.__setitem__("edited", calls["edited"] + 1))
+    replayed = editor.compute(REQUEST, target)
+    assert calls["below"] == 2 and calls["edited"] == 1 + 6  # key pass + first v* step; key pass + every step
+    assert "forward" not in model.transformer.h[1].__dict__  # the replay is undone
+    monkeypatch.setattr(rome_module, "replay_outputs", lambda layers: contextlib.nullcontext())
+    recomputed = editor.compute(REQUEST, target)
+    torch.testing.assert_close(replayed.value, recomputed.value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_edited_with_float32_factors(dtype, gpt2_tokenizer, wikitext_path):
+    model = tiny_model("llama", vocab_size=len(gpt2_tokenizer), initializer_range=0.1).to(dtype)
+    config = ROMEConfig(layers=1, mom2_dataset=str(wikitext_path), mom2_n_samples=300, mom2_max_length=64,
+                        context_template_length_params=[[5, 3], [10, 3]], kl_factor=0.0)
+    edited = EditedModel(model, gpt2_tokenizer, method=config, progress=False)
+    inputs = gpt2_tokenizer(SUBJECT_LAST.filled_prompt, return_tensors="pt")
+    (edit,) = edited.edit(SUBJECT_LAST)
+    layer = edited.base_model.get_submodule(edit.module)
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.base_layer.weight.dtype == dtype
+    assert edit.factors.A.dtype == torch.float32 and torch.isfinite(edit.factors.B).all()
+    assert edited._editor(None).stats_for(resolve_target(model, 1)).dtype == torch.float64
+    assert edited(**inputs).logits[0, -1].argmax().item() == target_ids(gpt2_tokenizer, "Rome")[0]

@@ -8,14 +8,15 @@ from the input ids' shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["Captured", "StopForward", "capture", "add_at_positions", "as_batch_seq", "run_until", "only_positions"]
+__all__ = ["Captured", "StopForward", "capture", "add_at_positions", "as_batch_seq", "run_until", "only_positions",
+           "replay_outputs"]
 
 
 class StopForward(Exception):
@@ -106,6 +107,40 @@ def only_positions(head: nn.Module, rows: torch.Tensor, positions: torch.Tensor)
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def replay_outputs(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run each module once inside the block, then return its recorded output instead of recomputing it.
+
+    Valid only while the modules' inputs and weights do not change, e.g. the decoder layers below the edited one
+    during ROME's v* optimisation (δ enters above them, and the same batch is run at every step).  Works with any
+    wrapper already installed on ``forward`` (the first call goes through it).
+    """
+    patched = []
+
+    def replaying(forward):
+        recorded = []
+
+        def forward_once(*args, **kwargs):
+            if not recorded:
+                recorded.append(forward(*args, **kwargs))
+            return recorded[0]
+
+        return forward_once
+
+    try:
+        for module in modules:
+            had_own = "forward" in module.__dict__
+            patched.append((module, had_own, module.__dict__.get("forward")))
+            module.forward = replaying(module.forward)
+        yield
+    finally:
+        for module, had_own, own in patched:
+            if had_own:
+                module.forward = own
+            else:
+                del module.forward
 
 
 def run_until(model: nn.Module, **inputs: torch.Tensor) -> None:

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..architecture import EditTarget, base_layer, num_layers, resolve_target, unwrap_model
-from ..errors import ConfigError, OptimizationError, StatisticsMismatchError
-from ..hooks import add_at_positions, capture, only_positions
+from ..architecture import EditTarget, base_layer, find_layout, num_layers, resolve_target, unwrap_model
+from ..errors import ConfigError, OptimizationError, StatisticsMismatchError, UnsupportedArchitectureError
+from ..hooks import add_at_positions, capture, only_positions, replay_outputs
 from ..requests import EditRequest
 from ..stats import SecondMomentStats, load_or_compute_stats
 from ..templates import BARE_TEMPLATE, normalise_templates, sample_context_templates
@@ -207,6 +207,18 @@ class RankOneUpdate:
         """ΔW in the module's own weight layout ((in, out) for Conv1D, (out, in) for Linear)."""
         outer = torch.outer(self.v, self.u)
         return outer.T if self.target.is_conv1d else outer
+
+
+@dataclass
+class _ValueBatch:
+    """Inputs of the v* optimisation and where its loss reads the logits."""
+
+    inputs: dict[str, torch.Tensor]
+    shape: tuple[int, int]
+    positions: torch.Tensor  # fact token of each row (the N rewriting rows, then the KL row)
+    head_rows: torch.Tensor  # (row, position) pairs the LM head sees: every target position, then the KL token
+    head_positions: torch.Tensor
+    label_ids: torch.Tensor  # (N, T) target ids
 
 
 @contextmanager
@@ -390,60 +402,81 @@ class ROMEEditor:
             u = k_mean
         return u / u.norm()
 
-    def _optimise_value(self, module: nn.Module, target: EditTarget, request: EditRequest, contexts: list[Encoded],
-                        targets: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Optimise δ at the fact token so the model says the target; returns (v*, v_init, diagnostics)."""
-        cfg, n_targets = self.config, len(targets)
+    def _value_batch(self, request: EditRequest, contexts: list[Encoded], targets: list[int],
+                     device: torch.device) -> _ValueBatch:
+        """The N rewriting rows (context + target[:-1]) and the KL row ("<subject> is a"), right-padded."""
         kl_context = encode_with_subject(self.tokenizer, "", request.subject, " is a")
         rows = [c.ids + targets[:-1] for c in contexts] + [kl_context.ids]
-        device = base_layer(module).weight.device
-        batch = pad_batch(rows, pad_token_id(self.tokenizer), device)
-        shape = tuple(batch["input_ids"].shape)
+        inputs = pad_batch(rows, pad_token_id(self.tokenizer), device)
         positions = self._positions(contexts + [kl_context])
-        # Logits are computed only where the loss reads them: every target position of every rewriting row
-        # (the logit at position ℓ - T + i scores t_i), then the KL row's fact token.
-        n_rewrite = len(contexts)
+        # The logit at position ℓ_j − T + i scores t_i; the KL distribution is read at the KL row's fact token.
+        n_rewrite, n_targets = len(contexts), len(targets)
         label_rows = torch.arange(n_rewrite).repeat_interleave(n_targets)
         label_pos = torch.cat([torch.arange(len(r) - n_targets, len(r)) for r in rows[:n_rewrite]])
-        head_rows = torch.cat([label_rows, torch.tensor([n_rewrite])])
-        head_pos = torch.cat([label_pos, positions[-1:]])
-        label_ids = torch.tensor(targets, device=device).repeat(n_rewrite).view(n_rewrite, n_targets)
-        head = unwrap_model(self.model).get_output_embeddings()
+        return _ValueBatch(inputs=inputs, shape=tuple(inputs["input_ids"].shape), positions=positions,
+                           head_rows=torch.cat([label_rows, torch.tensor([n_rewrite])]),
+                           head_positions=torch.cat([label_pos, positions[-1:]]),
+                           label_ids=torch.tensor(targets, device=device).repeat(n_rewrite, 1))
 
+    def _layers_below(self, target: EditTarget) -> list[nn.Module]:
+        """Decoder layers under the edited one: their outputs do not depend on δ, so v* computes them once."""
+        model = unwrap_model(self.model)
+        try:
+            layers = find_layout(model).layers
+        except UnsupportedArchitectureError:  # a module named explicitly in an architecture we cannot map
+            return []
+        if target.layer is None or not target.name.startswith(f"{layers}.{target.layer}."):
+            return []
+        return list(model.get_submodule(layers))[: target.layer]
+
+    def _optimise_value(self, module: nn.Module, target: EditTarget, request: EditRequest, contexts: list[Encoded],
+                        targets: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Optimise δ at the fact token so the model says the target; returns (v*, v_init, diagnostics).
+
+        Only the logits the loss reads are computed (the LM head sees those positions alone), and the decoder
+        layers below the edited one run once and are replayed at later steps: neither changes the loss.
+        """
+        cfg = self.config
+        device = base_layer(module).weight.device
+        vb = self._value_batch(request, contexts, targets, device)
+        n_rewrite, n_targets = vb.label_ids.shape
+        head = unwrap_model(self.model).get_output_embeddings()
         delta = torch.zeros(target.out_features, dtype=torch.float32, device=device, requires_grad=True)
         optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
         v_init: torch.Tensor | None = None
         log_p0: torch.Tensor | None = None
         clamped, steps = False, 0
-        for it in range(cfg.v_num_grad_steps):
-            optimiser.zero_grad()
-            with add_at_positions(module, delta, positions, shape), only_positions(head, head_rows, head_pos), \
-                    (capture(module, shape) if v_init is None else nullcontext()) as seen:
-                logits = self.model(**batch).logits[0].float()
-            steps += 1
-            if v_init is None:
-                v_init = seen.outputs[0, positions[0]].float().detach()
-            log_probs = torch.log_softmax(logits[:-1], dim=-1).view(n_rewrite, n_targets, -1)
-            nll = -log_probs.gather(-1, label_ids[..., None]).squeeze(-1).mean(1).mean()
-            kl_log_probs = torch.log_softmax(logits[-1], dim=-1)
-            if log_p0 is None:
-                log_p0 = kl_log_probs.detach()
-            kl = cfg.kl_factor * torch.sum(kl_log_probs.exp() * (kl_log_probs - log_p0))
-            weight_decay = cfg.v_weight_decay * delta.norm() / v_init.norm() ** 2
-            loss = nll + kl + weight_decay
-            if not torch.isfinite(loss):
-                raise OptimizationError(
-                    f"The v* optimisation for {request.subject!r} produced a non-finite loss at step {it}. Nothing "
-                    "was applied; try a smaller v_lr or check the model's precision.")
-            if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1:
-                break
-            (delta.grad,) = torch.autograd.grad(loss, [delta])
-            optimiser.step()
-            max_norm = cfg.clamp_norm_factor * v_init.norm()
-            if delta.norm() > max_norm:
-                clamped = True
-                with torch.no_grad():
-                    delta.mul_(max_norm / delta.norm())
+        with replay_outputs(self._layers_below(target)):
+            for it in range(cfg.v_num_grad_steps):
+                optimiser.zero_grad()
+                with add_at_positions(module, delta, vb.positions, vb.shape), \
+                        only_positions(head, vb.head_rows, vb.head_positions), \
+                        (capture(module, vb.shape) if v_init is None else nullcontext()) as seen:
+                    logits = self.model(**vb.inputs, use_cache=False).logits[0].float()
+                steps += 1
+                if v_init is None:
+                    v_init = seen.outputs[0, vb.positions[0]].float().detach()
+                log_probs = torch.log_softmax(logits[:-1], dim=-1).view(n_rewrite, n_targets, -1)
+                nll = -log_probs.gather(-1, vb.label_ids[..., None]).squeeze(-1).mean(1).mean()
+                kl_log_probs = torch.log_softmax(logits[-1], dim=-1)
+                if log_p0 is None:
+                    log_p0 = kl_log_probs.detach()
+                kl = cfg.kl_factor * torch.sum(kl_log_probs.exp() * (kl_log_probs - log_p0))
+                weight_decay = cfg.v_weight_decay * delta.norm() / v_init.norm() ** 2
+                loss = nll + kl + weight_decay
+                if not torch.isfinite(loss):
+                    raise OptimizationError(
+                        f"The v* optimisation for {request.subject!r} produced a non-finite loss at step {it}. "
+                        "Nothing was applied; try a smaller v_lr or check the model's precision.")
+                if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1:
+                    break
+                (delta.grad,) = torch.autograd.grad(loss, [delta])
+                optimiser.step()
+                max_norm = cfg.clamp_norm_factor * v_init.norm()
+                if delta.norm() > max_norm:
+                    clamped = True
+                    with torch.no_grad():
+                        delta.mul_(max_norm / delta.norm())
         delta = delta.detach()
         info = dict(v_steps=steps, clamped=clamped, loss=loss.item(), nll=nll.item(), kl=kl.item(),
                     weight_decay=weight_decay.item(), target_probability=float(torch.exp(-nll).item()))
