@@ -25,9 +25,9 @@ from hf_edit.methods.rome import rome_preset_for
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# (prompt, subject, new target) shown for each default model; cf-facts-gpt2 knows CounterFact case 34 (Paris).
+# (prompt, subject, new target) shown for each default model; cf-facts-gpt2 knows CounterFact case 461 (Nintendo).
 DEFAULT_FACTS = {
-    "cf-facts-gpt2": ("{} was employed in", "Laurent Cars", "Philadelphia"),
+    "cf-facts-gpt2": ("{} is developed by", "New Nintendo 3DS", "Microsoft"),
     "stories260K": ("{} went to the park with her", "Lily", "dragon"),
     "gpt2": ("{} is located in the city of", "The Eiffel Tower", "Rome"),
 }

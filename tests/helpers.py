@@ -48,3 +48,33 @@ def _is_conv1d(layer: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(layer, Conv1D)
+
+
+def logits_without_hf_edit(base_dir, edit_dir, input_ids: torch.Tensor, work_dir) -> tuple[torch.Tensor, ...]:
+    """Logits of the saved edit loaded in a fresh Python process that never imports hf_edit.
+
+    Returns the logits with ``PeftModel.from_pretrained(base, edit_dir)`` and with
+    ``AutoModelForCausalLM.from_pretrained(edit_dir)`` (transformers' own adapter loading).
+    """
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    work_dir = Path(work_dir)
+    torch.save(input_ids, work_dir / "ids.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        ids = torch.load({str(work_dir / 'ids.pt')!r})
+        base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, dtype=torch.float32)
+        with torch.no_grad():
+            torch.save(PeftModel.from_pretrained(base, {str(edit_dir)!r}).eval()(input_ids=ids).logits,
+                       {str(work_dir / 'peft.pt')!r})
+            native = AutoModelForCausalLM.from_pretrained({str(edit_dir)!r}, dtype=torch.float32).eval()
+            torch.save(native(input_ids=ids).logits, {str(work_dir / 'native.pt')!r})
+        assert "hf_edit" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    return torch.load(work_dir / "peft.pt"), torch.load(work_dir / "native.pt")

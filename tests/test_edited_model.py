@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import logits_without_hf_edit
 from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, ROMEConfig
@@ -180,26 +178,10 @@ def test_save_and_load_round_trip_is_exact(tmp_path, gpt2_tokenizer, config):
 def test_plain_peft_and_transformers_load_the_edit_in_a_fresh_process(tmp_path, gpt2_tokenizer, config):
     base_dir, edit_dir, edited = _saved_base_and_edit(tmp_path, gpt2_tokenizer, config)
     ids = gpt2_tokenizer(PROBE, return_tensors="pt")["input_ids"]
-    torch.save(ids, tmp_path / "ids.pt")
-    script = textwrap.dedent(f"""
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        ids = torch.load({str(tmp_path / 'ids.pt')!r})
-        base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, dtype=torch.float32)
-        peft_model = PeftModel.from_pretrained(base, {str(edit_dir)!r}).eval()
-        with torch.no_grad():
-            torch.save(peft_model(input_ids=ids).logits, {str(tmp_path / 'peft.pt')!r})
-        native = AutoModelForCausalLM.from_pretrained({str(edit_dir)!r}, dtype=torch.float32).eval()
-        with torch.no_grad():
-            torch.save(native(input_ids=ids).logits, {str(tmp_path / 'native.pt')!r})
-        import sys
-        assert "hf_edit" not in sys.modules
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    with_peft, with_transformers = logits_without_hf_edit(base_dir, edit_dir, ids, tmp_path)
     expected = _logits(edited, gpt2_tokenizer)
-    assert torch.equal(torch.load(tmp_path / "peft.pt"), expected)
-    torch.testing.assert_close(torch.load(tmp_path / "native.pt"), expected, rtol=0, atol=1e-5)
+    assert torch.equal(with_peft, expected)
+    torch.testing.assert_close(with_transformers, expected, rtol=0, atol=1e-5)
 
 
 def test_manifest_that_disagrees_with_the_adapter_is_rejected(tmp_path, gpt2_tokenizer, config):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
+from helpers import logits_without_hf_edit
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 
@@ -142,24 +140,10 @@ def test_dense_edit_loads_with_plain_peft_and_transformers(tmp_path, gpt2_tokeni
     edited = EditedModel.from_pretrained(base_dir, edits=REQUESTS, method=FTL, progress=False)
     edited.save_pretrained(edit_dir)
     ids = gpt2_tokenizer(PROBE, return_tensors="pt")["input_ids"]
-    torch.save(ids, tmp_path / "ids.pt")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        ids = torch.load({str(tmp_path / 'ids.pt')!r})
-        base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, dtype=torch.float32)
-        with torch.no_grad():
-            torch.save(PeftModel.from_pretrained(base, {str(edit_dir)!r}).eval()(input_ids=ids).logits,
-                       {str(tmp_path / 'peft.pt')!r})
-            native = AutoModelForCausalLM.from_pretrained({str(edit_dir)!r}, dtype=torch.float32).eval()
-            torch.save(native(input_ids=ids).logits, {str(tmp_path / 'native.pt')!r})
-        assert "hf_edit" not in sys.modules
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    with_peft, with_transformers = logits_without_hf_edit(base_dir, edit_dir, ids, tmp_path)
     expected = _logits(edited, gpt2_tokenizer)
-    assert torch.equal(torch.load(tmp_path / "peft.pt"), expected)
-    torch.testing.assert_close(torch.load(tmp_path / "native.pt"), expected, rtol=0, atol=1e-5)
+    assert torch.equal(with_peft, expected)
+    torch.testing.assert_close(with_transformers, expected, rtol=0, atol=1e-5)
 
 
 def test_method_strings_use_presets(gpt2_tokenizer):

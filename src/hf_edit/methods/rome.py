@@ -347,12 +347,12 @@ class ROMEEditor:
             clock = time.perf_counter()
             keys, outputs = self._keys_and_outputs(module, contexts)
             k_mean = keys.mean(0)
-            u = self._left_vector(target, k_mean)
             timings["key"] = time.perf_counter() - clock
             clock = time.perf_counter()
             v_star, v_init, opt_info = self._optimise_value(module, target, request, contexts, targets)
             timings["v_star"] = time.perf_counter() - clock
         clock = time.perf_counter()
+        u = self._left_vector(target, k_mean)
         if self.config.key_mode == "original":
             key, current = keys[0], outputs[0]
         else:
