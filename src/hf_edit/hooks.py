@@ -1,4 +1,7 @@
-"""Forward hooks on the edited module: read its input/output, add a vector at token positions, stop early.
+"""Forward hooks and model-state helpers for edits.
+
+They read a module's input/output, add a vector at token positions, stop a forward pass early, let the LM head see
+only some positions, replay layers whose output cannot change, and freeze the model for the duration of an edit.
 
 Every hook is a context manager that removes itself on exit, so an exception never leaves a hook behind.  Hooks
 follow the module's device and dtype; nothing here assumes a particular device.  Some architectures (OPT) flatten
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["Captured", "StopForward", "capture", "add_at_positions", "as_batch_seq", "run_until", "only_positions",
-           "replay_outputs"]
+           "replay_outputs", "frozen_eval"]
 
 
 class StopForward(Exception):
@@ -141,6 +144,22 @@ def replay_outputs(modules: Sequence[nn.Module]) -> Iterator[None]:
                 module.forward = own
             else:
                 del module.forward
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration, restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def run_until(model: nn.Module, **inputs: torch.Tensor) -> None:

@@ -51,10 +51,9 @@ from transformers import PreTrainedTokenizerBase
 from ..adapters import LoraFactors
 from ..architecture import EditTarget, base_layer, num_layers, resolve_target, unwrap_model
 from ..errors import ConfigError, InvalidRequestError, OptimizationError
-from ..hooks import only_positions
+from ..hooks import frozen_eval, only_positions
 from ..requests import EditRequest, as_requests
 from ..tokens import pad_batch, pad_token_id, target_ids
-from .rome import _frozen_eval
 
 __all__ = ["FTConfig", "FT_PRESETS", "FTL_PRESETS", "ft_preset_for", "DenseUpdate", "FTEditor", "ft_loss",
            "prompt_last_loss", "autoregressive_loss"]
@@ -507,7 +506,7 @@ class FTEditor:
         tensors = [t for _, w, b in trained for t in (w, b) if t is not None]
 
         clock = time.perf_counter()
-        with _frozen_eval(self.model):
+        with frozen_eval(self.model):
             try:
                 for t in tensors:
                     t.param.requires_grad_(True)

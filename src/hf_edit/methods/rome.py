@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..architecture import EditTarget, base_layer, find_layout, num_layers, resolve_target, unwrap_model
 from ..errors import ConfigError, OptimizationError, StatisticsMismatchError, UnsupportedArchitectureError
-from ..hooks import add_at_positions, capture, only_positions, replay_outputs
+from ..hooks import add_at_positions, capture, frozen_eval, only_positions, replay_outputs
 from ..requests import EditRequest
 from ..stats import SecondMomentStats, load_or_compute_stats
 from ..templates import BARE_TEMPLATE, normalise_templates, sample_context_templates
@@ -221,22 +221,6 @@ class _ValueBatch:
     label_ids: torch.Tensor  # (N, T) target ids
 
 
-@contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration, restored afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 def _position(encoded: Encoded, fact_token: str, prompt_length: int) -> int:
     if fact_token == "subject_last":
         return encoded.subject_last
@@ -286,7 +270,7 @@ class ROMEEditor:
             if self.config.context_templates is not None:
                 self._templates, self.templates_prepended_bare = normalise_templates(self.config.context_templates)
             else:
-                with self.base_context(), _frozen_eval(self.model):
+                with self.base_context(), frozen_eval(self.model):
                     self._templates = sample_context_templates(
                         self.model, self.tokenizer, self.config.context_template_length_params,
                         top_k=self.config.context_template_top_k, seed=self.config.seed)
@@ -343,7 +327,7 @@ class ROMEEditor:
         module = unwrap_model(self.model).get_submodule(target.name)
         targets = target_ids(self.tokenizer, request.target_new)
         contexts = [self._encode(template, request) for template in templates]
-        with _frozen_eval(self.model):
+        with frozen_eval(self.model):
             clock = time.perf_counter()
             keys, outputs = self._keys_and_outputs(module, contexts)
             k_mean = keys.mean(0)
