@@ -416,3 +416,32 @@ def test_text_dataset_errors_and_alias(tmp_path, monkeypatch):
     ds, fingerprint = text_dataset("wikipedia")
     assert calls == [(("wikimedia/wikipedia", "20231101.en"), {"split": "train"})]
     assert fingerprint.startswith("wikimedia/wikipedia:20231101.en:train:") and ds["text"][:] == ["x"]
+
+
+def _fake_hub_snapshot(cache, repo: str, commit: str, ref: str = "main") -> None:
+    """Lay out ``repo`` in a Hugging Face hub cache as a download would, with ``ref`` pointing at ``commit``."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (folder / "snapshots" / commit / "config.json").write_text("{}")
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / ref).write_text(commit)
+
+
+def test_hub_models_are_keyed_by_commit_and_a_weight_sample(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model = tiny_model("gpt2")
+    model.config._name_or_path = "org/tiny-model"
+    _fake_hub_snapshot(tmp_path, "org/tiny-model", "a" * 40)
+    _fake_hub_snapshot(tmp_path, "org/tiny-model", "b" * 40, ref="v2")
+    at_main = model_fingerprint(model)
+    assert model_fingerprint(model, revision="v2") != at_main  # same weights, another commit
+    _fake_hub_snapshot(tmp_path, "org/tiny-model", "c" * 40)  # main moved on
+    assert model_fingerprint(model) != at_main
+    moved = model_fingerprint(model)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight.mul_(1.5)  # changed in memory after loading
+    assert model_fingerprint(model) != moved
+    model.config._name_or_path = "org/not-in-cache"
+    assert model_fingerprint(model) != moved  # not in the cache: the full weight hash

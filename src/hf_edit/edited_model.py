@@ -383,7 +383,7 @@ class EditedModel:
                 templates = self._saved_templates if config.context_templates is None else None
                 self._editors[key] = ROMEEditor(self._model, self.tokenizer, config, stats=self._stats,
                                                 base_context=self.disable_edits, progress=self._progress,
-                                                templates=templates)
+                                                templates=templates, revision=self._revision)
         return self._editors[key]
 
     def _rebuild(self) -> None:

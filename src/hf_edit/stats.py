@@ -363,25 +363,40 @@ def _sha256(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, revision: str | None = None) -> str:
     """Identity of the base weights of ``model`` (a transformers model or a ``PeftModel``).
 
-    A model loaded from the Hub whose config carries a commit hash (``_commit_hash``) is identified by
-    ``name@commit``.  Otherwise (local or in-memory models; transformers 5 no longer stores ``_commit_hash``) the
-    fingerprint hashes the name, dtype, shape and bytes of every parameter and buffer, skipping LoRA parameters and
-    removing ``.base_layer`` from names, so attaching an adapter leaves it unchanged.
+    A model loaded from the Hub is identified by ``name@commit`` (the commit of its snapshot in the local Hugging
+    Face cache for ``revision``, default ``"main"``; transformers 5 no longer records it on the config) plus a
+    strided sample of every tensor, which catches weights changed in memory after loading.  Local and in-memory
+    models hash the name, dtype, shape and bytes of every parameter and buffer (about a second per GB).  LoRA
+    parameters are skipped and ``.base_layer`` is removed from names, so attaching an adapter changes nothing.
     """
     model = unwrap_model(model)
     name = str(getattr(model.config, "_name_or_path", "") or "")
-    commit = getattr(model.config, "_commit_hash", None)
-    if name and commit and not os.path.exists(name):
-        return _sha256(f"{name}@{commit}")
-    digest = hashlib.sha256()
+    commit = _hub_commit(name, revision)
+    digest = hashlib.sha256(f"{name}@{commit}|".encode() if commit else b"")
     for tensor_name, tensor in sorted(_base_tensors(model).items()):
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        flat = tensor.detach().reshape(-1)
+        if commit:
+            flat = flat[:: max(1, flat.numel() // 256)]
+        flat = flat.to("cpu").contiguous()
         digest.update(f"{tensor_name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(flat.view(torch.uint8).numpy()))
     return digest.hexdigest()
+
+
+def _hub_commit(name: str, revision: str | None) -> str | None:
+    """The commit of the cached Hub snapshot ``name`` was loaded from, or ``None`` for local models."""
+    if not name or os.path.exists(name) or name.count("/") > 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(name, "config.json", revision=revision or "main")
+    except Exception:  # an id the cache cannot even parse: treat as local
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -522,22 +537,25 @@ def _hf_edit_version() -> str:
 
 
 def _describe(model: nn.Module, tokenizer: Any, target: EditTarget, dataset_fingerprint: str,
-              n_samples: int | None, max_len: int, dtype: str, seed: int) -> dict[str, Any]:
+              n_samples: int | None, max_len: int, dtype: str, seed: int,
+              model_revision: str | None) -> dict[str, Any]:
     """Everything the statistics depend on (the cache key is a hash of this)."""
     if n_samples is not None and int(n_samples) < 1:
         raise ConfigError(f"n_samples must be ≥ 1 (a number of texts), got {n_samples}.")
-    return {"module": target.name, "model_fingerprint": model_fingerprint(model),
+    return {"module": target.name, "model_fingerprint": model_fingerprint(model, model_revision),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "dataset": dataset_fingerprint,
             "n_samples": None if n_samples is None else int(n_samples), "max_length": max_len, "dtype": dtype,
             "seed": int(seed), "format": CACHE_FORMAT}
 
 
 def _prepare(model: nn.Module, tokenizer: Any, target: EditTarget, dataset: Any, n_samples: int | None,
-             dtype: str, max_length: int | None, seed: int) -> tuple[datasets.Dataset, dict[str, Any]]:
+             dtype: str, max_length: int | None, seed: int,
+             model_revision: str | None = None) -> tuple[datasets.Dataset, dict[str, Any]]:
     _accumulation_dtype(dtype)
     ds, dataset_fingerprint = text_dataset(dataset)
     max_len = _max_length(model, max_length)
-    return ds, _describe(model, tokenizer, target, dataset_fingerprint, n_samples, max_len, dtype, seed)
+    return ds, _describe(model, tokenizer, target, dataset_fingerprint, n_samples, max_len, dtype, seed,
+                         model_revision)
 
 
 def _sample_indices(n_rows: int, n_samples: int | None, seed: int) -> list[int]:
@@ -652,7 +670,7 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
                           n_samples: int | None, dtype: str = "float64", max_length: int | None = None,
                           batch_tokens: int | None = None, seed: int = 1,
                           base_context: Callable[[], AbstractContextManager] | None = None,
-                          progress: bool = True) -> SecondMomentStats:
+                          progress: bool = True, model_revision: str | None = None) -> SecondMomentStats:
     """Second-moment statistics of ``target``'s input over ``n_samples`` texts of ``dataset`` (no cache).
 
     Args:
@@ -673,7 +691,8 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
         InsufficientStatisticsError: n ≤ I key vectors were seen.
         ConfigError: bad dtype, data set or lengths.
     """
-    ds, description = _prepare(model, tokenizer, target, dataset, n_samples, dtype, max_length, seed)
+    ds, description = _prepare(model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
+                               model_revision)
     return _accumulate(model, tokenizer, target, ds, description, batch_tokens=batch_tokens,
                        base_context=base_context, progress=progress)
 
@@ -687,7 +706,7 @@ def load_or_compute_stats(model: nn.Module, tokenizer: Any, target: EditTarget, 
                           n_samples: int | None, dtype: str = "float64", max_length: int | None = None,
                           batch_tokens: int | None = None, cache_dir: str | os.PathLike | None = None,
                           base_context: Callable[[], AbstractContextManager] | None = None, progress: bool = True,
-                          seed: int = 1) -> SecondMomentStats:
+                          seed: int = 1, model_revision: str | None = None) -> SecondMomentStats:
     """Statistics from the content-addressed cache, or computed (see :func:`compute_second_moment`) and cached.
 
     The file is ``<cache_dir or stats_cache_dir()>/<module>__<key[:20]>.safetensors``.
@@ -696,7 +715,8 @@ def load_or_compute_stats(model: nn.Module, tokenizer: Any, target: EditTarget, 
         StatisticsCacheError: the cache file exists but is corrupted or for another key (it is left untouched).
         InsufficientStatisticsError: too few key vectors (nothing is cached).
     """
-    ds, description = _prepare(model, tokenizer, target, dataset, n_samples, dtype, max_length, seed)
+    ds, description = _prepare(model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
+                               model_revision)
     key = _cache_key(description)
     path = Path(cache_dir).expanduser() if cache_dir is not None else stats_cache_dir()
     path = path / f"{target.name}__{key[:20]}.safetensors"

@@ -246,12 +246,14 @@ class ROMEEditor:
             name to statistics.
         base_context: zero-argument callable giving a context manager under which ``model`` is the base model.
         progress: show progress bars when computing statistics.
+        templates: context templates to reuse (e.g. those saved with earlier edits) instead of sampling.
+        revision: the Hub revision the model was loaded from (part of the statistics cache key).
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: ROMEConfig, *,
                  stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
                  base_context: Callable[[], AbstractContextManager] | None = None, progress: bool = True,
-                 templates: list[str] | None = None) -> None:
+                 templates: list[str] | None = None, revision: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config.resolved_for(model)
@@ -261,6 +263,7 @@ class ROMEEditor:
         self._stats: dict[str, SecondMomentStats] = {}
         self._templates = templates
         self.templates_prepended_bare = False
+        self.revision = revision
 
     # -- templates and statistics -------------------------------------------------------------------------
     @property
@@ -285,7 +288,7 @@ class ROMEEditor:
                     self.model, self.tokenizer, target, dataset=self.config.mom2_dataset,
                     n_samples=self.config.mom2_n_samples, dtype=self.config.mom2_dtype,
                     max_length=self.config.mom2_max_length, base_context=self.base_context,
-                    progress=self.progress)
+                    progress=self.progress, model_revision=self.revision)
             stats.check_compatible(target)
             self._stats[target.name] = stats
         return self._stats[target.name]
