@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -102,9 +103,10 @@ class EditedModel:
     training run is a dense delta in an adapter of its own.  The first adapter is PEFT's ``"default"`` (saved
     at the folder's root, so plain ``PeftModel.from_pretrained`` loads it); later ones are ``"edit_1"``, ...
 
-    Build it with :meth:`from_pretrained`; then :meth:`edit`, :meth:`remove_edit`, :meth:`disable_edits`,
-    :meth:`save_pretrained`, :meth:`merge_and_unload`.  Calling the object, ``generate``, ``config`` and ``device``
-    pass through to the model.
+    Build it with :meth:`from_pretrained` (a base model, an edit folder or an edit repo on the Hub); then
+    :meth:`edit`, :meth:`remove_edit`, :meth:`disable_edits`, :meth:`save_pretrained`, :meth:`push_to_hub`,
+    :meth:`merge_and_unload`, :meth:`push_merged_to_hub`.  Calling the object, ``generate``, ``config`` and
+    ``device`` pass through to the model.
 
     Args:
         model: a transformers causal LM (or a ``PeftModel`` loaded from an hf_edit folder, with ``edits``).
@@ -140,19 +142,36 @@ class EditedModel:
                         progress: bool = True, **model_kwargs: Any) -> EditedModel:
         """Load a base model (Hub id, local path or model object) or a saved edit folder, and apply ``edits``.
 
+        A Hub repo id is first looked up as an edit repo (one request for its ``hf_edit.json``; pushed by
+        :meth:`push_to_hub`): if it is one, its snapshot is downloaded and loaded like a local edit folder, else the
+        id is loaded as a base model.  With ``HF_HUB_OFFLINE=1`` an edit repo loads from the local cache.
+
         Args:
-            pretrained: a model id or path, a loaded causal LM, or a folder written by :meth:`save_pretrained`.
+            pretrained: a model id or path, a loaded causal LM, a folder written by :meth:`save_pretrained`, or the
+                id of a Hub repo written by :meth:`push_to_hub`.
             edits: requests to apply now (``EditRequest``, reference dicts or CounterFact records).
             method: ``"rome"`` (the preset for the model id, else documented defaults) or a :class:`ROMEConfig`.
                 Default: the configuration recorded with the latest loaded edit, else ``"rome"``.
             stats: second-moment statistics to use instead of computing them.
             tokenizer: defaults to the tokenizer stored with the model.
-            revision, token: passed to ``from_pretrained`` of the model and tokenizer.
+            revision: for a Hub edit repo, the revision (branch, tag or commit) of that repo (the base model's
+                revision is the one recorded in its manifest); for a local edit folder, the base model's revision;
+                otherwise passed to ``from_pretrained`` of the model and tokenizer.
+            token: Hub token, used for the edit repo, the base model and the tokenizer.
             base_model: for an edit folder, load this base instead of the one recorded in it.
             progress: show progress bars.
             **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (default ``dtype=torch.float32``).
         """
-        if isinstance(pretrained, (str, os.PathLike)) and _is_edit_folder(pretrained):
+        hub_folder = None
+        if isinstance(pretrained, str) and not os.path.exists(pretrained):
+            from .hub import find_edit_repo
+
+            hub_folder = find_edit_repo(pretrained, revision=revision, token=token)
+        if hub_folder is not None:  # the revision was the edit repo's; the base revision comes from its manifest
+            model = cls._load_edit_folder(hub_folder, tokenizer=tokenizer, base_model=base_model, revision=None,
+                                          token=token, method=method, stats=stats, progress=progress,
+                                          **model_kwargs)
+        elif isinstance(pretrained, (str, os.PathLike)) and _is_edit_folder(pretrained):
             model = cls._load_edit_folder(Path(pretrained), tokenizer=tokenizer, base_model=base_model,
                                           revision=revision, token=token, method=method, stats=stats,
                                           progress=progress, **model_kwargs)
@@ -319,34 +338,113 @@ class EditedModel:
         """Add every edit into the base weights and return the plain transformers model.
 
         The merged weight equals W + B @ A bitwise.  This consumes the ``EditedModel`` (as in peft).
+
+        When there are edits, the returned model's ``save_pretrained`` and ``push_to_hub`` write a model card that
+        says the model is edited and lists the edits (see :func:`hf_edit.hub.attach_merged_card`); the manifest is
+        kept as ``model.hf_edit_manifest``.  Nothing is added to its config.
         """
         self._require_live()
         model = self._model
         if self._peft is not None:
+            manifest = self.manifest()
             with quiet_peft():
                 model = self._peft.merge_and_unload()
+            from .hub import attach_merged_card
+
+            attach_merged_card(model, manifest)
         self._peft, self._model = None, None
         return model
 
     # -- saving ----------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the adapters and the edit manifest ``hf_edit.json``.
-
-        The first adapter goes to the folder's root (``adapter_config.json``, ``adapter_model.safetensors``); later
-        ones (e.g. an FT delta after ROME edits) go to subfolders named after them, as PEFT lays them out.
-        """
+    def manifest(self) -> dict[str, Any]:
+        """The edit manifest written to ``hf_edit.json``: base model, adapters and every edit."""
         self._require_live()
         if self._peft is None:
             raise HfEditError("There are no edits to save.")
+        return {"format": MANIFEST_FORMAT, "hf_edit_version": __version__,
+                "base_model": self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path,
+                "base_model_revision": self._revision,
+                "adapters": list(dict.fromkeys(e.adapter for e in self._edits)),
+                "edits": [e.manifest_entry() for e in self._edits]}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *,
+                        eval_results: Mapping[str, float] | None = None, eval_dataset: str | None = None,
+                        base_model_id: str | None = None, **kwargs: Any) -> None:
+        """Write the adapters, the edit manifest ``hf_edit.json`` and the model card ``README.md``.
+
+        The first adapter goes to the folder's root (``adapter_config.json``, ``adapter_model.safetensors``); later
+        ones (e.g. an FT delta after ROME edits) go to subfolders named after them, as PEFT lays them out.  The
+        card (:func:`hf_edit.hub.render_card`) replaces PEFT's generic README.
+
+        Args:
+            eval_results: metric name → value, shown in the card.
+            eval_dataset: the data set they were measured on (adds a ``model-index`` to the card).
+            base_model_id: the base model's Hub id for the card's metadata, when the edit records a local path.
+            **kwargs: passed to ``PeftModel.save_pretrained``.
+        """
+        self._save(save_directory, kwargs, eval_results=eval_results, eval_dataset=eval_dataset,
+                   base_model_id=base_model_id)
+
+    def _save(self, save_directory: str | os.PathLike, peft_kwargs: Mapping[str, Any],
+              **card: Any) -> dict[str, Any]:
+        manifest = self.manifest()
         save_directory = Path(save_directory)
         with quiet_peft():
-            self._peft.save_pretrained(str(save_directory), **kwargs)
-        manifest = {"format": MANIFEST_FORMAT, "hf_edit_version": __version__,
-                    "base_model": self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path,
-                    "base_model_revision": self._revision,
-                    "adapters": list(dict.fromkeys(e.adapter for e in self._edits)),
-                    "edits": [e.manifest_entry() for e in self._edits]}
+            self._peft.save_pretrained(str(save_directory), **peft_kwargs)
         (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        from .hub import render_card
+
+        render_card(manifest, **card).save(save_directory / "README.md")
+        return manifest
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None, revision: str | None = None,
+                    eval_results: Mapping[str, float] | None = None, eval_dataset: str | None = None,
+                    base_model_id: str | None = None) -> str:
+        """Upload the edits (adapters, ``hf_edit.json`` and the model card) to a Hub model repo in one commit.
+
+        The repo is created if needed; ``revision`` names a branch (created if needed).  Adapter subfolders of an
+        earlier push that are no longer used are deleted in the same commit.
+        ``EditedModel.from_pretrained(repo_id)`` loads the result, and so does
+        ``PeftModel.from_pretrained(base, repo_id)`` (see the card).
+
+        Args:
+            eval_results, eval_dataset, base_model_id: as in :meth:`save_pretrained`.
+
+        Returns:
+            The URL of the commit.
+        """
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = self._save(tmp, {}, eval_results=eval_results, eval_dataset=eval_dataset,
+                                  base_model_id=base_model_id, repo_id=repo_id)
+            n = len(manifest["edits"])
+            message = commit_message or f"Upload {n} knowledge edit{'s' * (n != 1)} with hf_edit"
+            info = push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+                               commit_message=message, delete_patterns=["edit_*/*"])
+        return info.commit_url
+
+    def push_merged_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                           commit_message: str | None = None) -> str:
+        """Merge the edits into the weights and upload the full model, the tokenizer and a model card that says
+        the model is edited and lists the edits, in one commit.
+
+        Like :meth:`merge_and_unload`, this consumes the ``EditedModel``.  Prefer :meth:`push_to_hub` (a few
+        kilobytes, loads with peft, the edits stay removable); merging into half-precision weights quantises them.
+
+        Returns:
+            The URL of the commit.
+        """
+        from .hub import push_merged_folder
+
+        self._require_live()
+        if self._peft is None:
+            raise HfEditError("There are no edits to merge; push the base model itself instead.")
+        tokenizer = self.tokenizer
+        merged = self.merge_and_unload()
+        return push_merged_folder(merged, tokenizer, repo_id, private=private, token=token,
+                                  commit_message=commit_message)
 
     # -- internals -------------------------------------------------------------------------------------------
     def _require_live(self) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "StatisticsMismatchError",
     "StatisticsCacheError",
     "InsufficientStatisticsError",
+    "StatisticsNotFoundError",
     "OptimizationError",
     "EditFolderError",
 ]
@@ -68,6 +69,10 @@ class StatisticsMismatchError(StatisticsError, ValueError):
 
 class StatisticsCacheError(StatisticsError):
     """A statistics file is corrupted or unreadable; it is never used silently."""
+
+
+class StatisticsNotFoundError(StatisticsError, LookupError):
+    """No statistics for the requested (model, revision, module, data set, sample count, dtype) on the Hub."""
 
 
 class InsufficientStatisticsError(StatisticsError):
