@@ -148,7 +148,7 @@ def test_bad_input_is_one_clear_line(args, fragment, base, tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
 
 
-def hf_edit_with_hub(hub, state: Path, *args: str, cache: Path) -> subprocess.CompletedProcess:
+def hf_edit_with_hub(hub, state: Path, *args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process served by the fake Hub; the Hub's new state is read back into ``hub``."""
     from fake_hub import FakeHub, subprocess_env
 
@@ -159,7 +159,7 @@ def hf_edit_with_hub(hub, state: Path, *args: str, cache: Path) -> subprocess.Co
               "hub.dump(os.environ['FAKE_HUB_STATE'])\nsys.exit(status)")
     result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0 or not check, result.stderr[-2000:]
     hub.__dict__.update(FakeHub.load(state).__dict__)
     return result
 
@@ -185,3 +185,21 @@ def test_edit_push_show_and_stats_push_pull_through_the_hub(fake_hub, base, wiki
 
     original, round_trip = SecondMomentStats.load(stats_file), SecondMomentStats.load(pulled)
     assert torch.equal(original.mom2_sum, round_trip.mom2_sum) and original.count == round_trip.count
+
+
+def test_stats_commands_reject_bad_input_in_one_line(fake_hub, tmp_path):  # noqa: F811
+    location = ["--repo", "user/stats", "--model-id", "user/tiny", "--dataset", "wiki"]
+    missing = hf_edit_with_hub(fake_hub, tmp_path / "hub.json", "stats", "pull", *location, "--module",
+                               "transformer.h.1.mlp.c_proj", "--n-samples", "300", "--out", str(tmp_path / "s"),
+                               cache=tmp_path, check=False)
+    assert_one_line_error(missing, "No statistics")
+    not_a_file = hf_edit_with_hub(fake_hub, tmp_path / "hub.json", "stats", "push", str(tmp_path / "nope"),
+                                  *location, cache=tmp_path, check=False)
+    assert_one_line_error(not_a_file, "nope")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an npz file")
+    bad_npz = hf_edit_with_hub(fake_hub, tmp_path / "hub.json", "stats", "import-npz", str(garbage), *location,
+                               "--module", "transformer.h.1.mlp.c_proj", "--n-samples", "300", cache=tmp_path,
+                               check=False)
+    assert_one_line_error(bad_npz, "garbage.npz")
+    assert ("dataset", "user/stats") not in fake_hub.repos  # nothing was uploaded
