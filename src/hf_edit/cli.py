@@ -241,6 +241,12 @@ def cmd_stats_import_npz(args: argparse.Namespace) -> None:
 
 
 # -- parser ----------------------------------------------------------------------------------------------------
+def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", metavar="DIR", help=f"write the {what} here")
+    parser.add_argument("--push-to-hub", metavar="REPO", help=f"push the {what} to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+
 def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) to load")
     parser.add_argument("--token", help="Hugging Face token (default: the logged-in one)")
@@ -273,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--stats-samples", type=int, help="ROME: number of texts for the statistics")
     edit.add_argument("--key-mode", choices=["original", "consistent"], help="ROME: key mode")
     edit.add_argument("--device", help="device or device_map for the model, e.g. cuda, auto")
-    edit.add_argument("--out", metavar="DIR", help="write the adapter folder here")
-    edit.add_argument("--push-to-hub", metavar="REPO", help="push the adapter to this Hub repo")
-    edit.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    _add_output_options(edit, "adapter folder")
     _add_hub_options(edit)
     edit.set_defaults(run=cmd_edit)
 
@@ -291,9 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "weights (bitwise W + BA) and save a plain transformers checkpoint "
                                             "with its tokenizer (--out) and/or push it (--push-to-hub).")
     merge.add_argument("source", help="edit folder or Hub repo id")
-    merge.add_argument("--out", metavar="DIR", help="write the merged model here")
-    merge.add_argument("--push-to-hub", metavar="REPO", help="push the merged model to this Hub repo")
-    merge.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    _add_output_options(merge, "merged model")
     _add_hub_options(merge)
     merge.set_defaults(run=cmd_merge)
 
