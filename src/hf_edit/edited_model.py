@@ -21,10 +21,9 @@ import torch
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from transformers.pytorch_utils import Conv1D
 
 from .adapters import ADAPTER_NAME, LoraFactors, attach_adapters, quiet_peft, read_adapter_factors
-from .architecture import base_layer, unwrap_model
+from .architecture import resolve_target, unwrap_model
 from .errors import EditFolderError, HfEditError, UnknownMethodError
 from .methods.ft import FTConfig, FTEditor, ft_preset_for
 from .methods.rome import ROMEConfig, ROMEEditor, rome_preset_for
@@ -500,14 +499,10 @@ class EditedModel:
             e.adapter = names[e.group]
         adapters = [(names[g], {m: LoraFactors.concat(parts) for m, parts in modules.items()})
                     for g, modules in groups.items()]
-        is_conv1d = {m: _is_conv1d(self._model, m) for _, factors in adapters for m in factors}
+        is_conv1d = {m: resolve_target(self._model, None, m).is_conv1d for _, factors in adapters for m in factors}
         self._peft = attach_adapters(self._model, adapters, is_conv1d,
                                      base_model_name_or_path=getattr(self._model, "name_or_path", None) or None,
                                      revision=self._revision)
-
-
-def _is_conv1d(model: nn.Module, name: str) -> bool:
-    return isinstance(base_layer(model.get_submodule(name)), Conv1D)
 
 
 def _load_base(pretrained: str | os.PathLike, *, revision: str | None, token: str | bool | None,
