@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,10 @@ ZSRE = SHARED_DATA / "zsre" / "zsre-eval-subset.json"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets and evaluate read these when imported: keep their caches out of the user's home during tests.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="hf_edit_tests_")
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE_ROOT, "datasets"))
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(_CACHE_ROOT, "modules"))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
@@ -45,6 +50,11 @@ def gpt2_tokenizer():
 
     tok = AutoTokenizer.from_pretrained(_require(GPT2_TOKENIZER))
     return tok
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _require(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

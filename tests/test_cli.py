@@ -60,7 +60,7 @@ def edited(tmp_path_factory, base, wikitext_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("command", [[], ["edit"], ["show"], ["merge"], ["stats"], ["stats", "compute"],
+@pytest.mark.parametrize("command", [[], ["edit"], ["eval"], ["show"], ["merge"], ["stats"], ["stats", "compute"],
                                      ["stats", "push"], ["stats", "pull"], ["stats", "import-npz"]])
 def test_every_command_has_useful_help(command, capsys):
     from hf_edit.cli import main
@@ -203,3 +203,28 @@ def test_stats_commands_reject_bad_input_in_one_line(fake_hub, tmp_path):  # noq
                                check=False)
     assert_one_line_error(bad_npz, "garbage.npz")
     assert ("dataset", "user/stats") not in fake_hub.repos  # nothing was uploaded
+
+
+def test_eval_command_writes_results(base, tmp_path, counterfact_path, capsys):
+    from hf_edit.cli import main
+
+    model_dir = base
+    out = tmp_path / "results.json"
+    status = main(["eval", "--model", str(model_dir), "--method", "ft", "--layer", "1", "--set", "num_steps=2",
+                   "--data", str(counterfact_path), "--n", "2", "--protocol", "sequential", "--out", str(out),
+                   "--no-progress"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "protocol=sequential" in printed and "ES" in printed
+    result = json.loads(out.read_text())
+    assert result["method"] == "ft" and result["protocol"] == "sequential" and result["data"]["n"] == 2
+    assert [c["edit"]["ok"] for c in result["cases"]] == [True, True]
+
+
+def test_eval_command_bad_input(tmp_path, counterfact_path, capsys):
+    from hf_edit.cli import main
+
+    assert main(["eval", "--model", "x", "--data", str(tmp_path / "missing.json"), "--method", "none"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--data", str(counterfact_path), "--method", "none", "--layer", "1"]) == 2
+    assert "--method none" in capsys.readouterr().err

@@ -105,6 +105,17 @@ def num_layers(model: nn.Module) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (``n_positions`` / ``max_position_embeddings``),
+    or ``None`` when its config states no limit."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config()
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
 def _get(model: nn.Module, name: str) -> nn.Module | None:
     try:
         return model.get_submodule(name)

@@ -1,4 +1,4 @@
-"""The ``hf-edit`` command line: edit facts, show edits, merge them, and manage second-moment statistics.
+"""The ``hf-edit`` command line: edit facts, evaluate edits, show and merge them, manage second-moment statistics.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     hf-edit edit --model gpt2-xl --requests cases.jsonl --method ft+l --out my-edits
     hf-edit show eiffel-rome
     hf-edit merge eiffel-rome --out gpt2-xl-eiffel-rome
+    hf-edit eval --model gpt2-xl --method rome --data counterfact --n 200 --protocol single --out results.json
     hf-edit stats compute --model gpt2-xl --layer 17 --data wikipedia --n-samples 100000 --out c17.safetensors
     hf-edit stats push c17.safetensors --repo me/hf-edit-stats --model-id openai-community/gpt2-xl \
         --dataset wikipedia
@@ -113,6 +114,26 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- commands --------------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .edited_model import EditedModel
+    from .evaluation import evaluate_model, load_eval_data
+
+    if args.method == "none" and (args.config or args.layer is not None or args.set):
+        raise CLIError("--config, --layer and --set need an editing method, not --method none")
+    if args.n is not None and args.n < 1:
+        raise CLIError("--n must be positive")
+    data = load_eval_data(args.data, n=args.n, split=args.split, revision=None, zsre_target=args.zsre_target)
+    method = "none" if args.method == "none" else _method_config(args, args.model)
+    model = EditedModel.from_pretrained(args.model, stats=_load_stats(args.stats), revision=args.revision,
+                                        token=args.token, progress=not args.no_progress, **_model_kwargs(args))
+    result = evaluate_model(model, data, method=method, protocol=args.protocol, every=args.every,
+                            batch_size=args.batch_size, generation=args.generation, zsre_path=args.zsre_path,
+                            progress=not args.no_progress)
+    print(result.table())
+    if args.out:
+        print(f"wrote {result.save(args.out)}")
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     from .edited_model import EditedModel
     from .requests import as_requests
@@ -252,6 +273,19 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="Hugging Face token (default: the logged-in one)")
 
 
+def _add_method_options(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    parser.add_argument("--method", choices=methods, default="rome")
+    parser.add_argument("--config", metavar="JSON", help="hyperparameter file (hf_edit's or the reference's)")
+    parser.add_argument("--layer", type=int, help="layer to edit (default: the preset or documented default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a hyperparameter, e.g. --set v_num_grad_steps=10 (repeatable)")
+    parser.add_argument("--stats", metavar="FILE", help="second-moment statistics (.safetensors or reference .npz)")
+    parser.add_argument("--stats-data", help="ROME: texts for the statistics (Hub id, file or folder)")
+    parser.add_argument("--stats-samples", type=int, help="ROME: number of texts for the statistics")
+    parser.add_argument("--key-mode", choices=["original", "consistent"], help="ROME: key mode")
+    parser.add_argument("--device", help="device or device_map for the model, e.g. cuda, auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-edit", description="Edit facts in causal LMs; each edit is a PEFT "
                                      "adapter.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -269,19 +303,38 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", help="the new object, e.g. 'Rome'")
     edit.add_argument("--target-true", help="the current object (recorded in the manifest and card)")
     edit.add_argument("--requests", metavar="FILE", help="JSON or JSONL file of requests")
-    edit.add_argument("--method", choices=["rome", "ft", "ft+l"], default="rome")
-    edit.add_argument("--config", metavar="JSON", help="hyperparameter file (hf_edit's or the reference's)")
-    edit.add_argument("--layer", type=int, help="layer to edit (default: the preset or documented default)")
-    edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a hyperparameter, e.g. --set v_num_grad_steps=10 (repeatable)")
-    edit.add_argument("--stats", metavar="FILE", help="second-moment statistics (.safetensors or reference .npz)")
-    edit.add_argument("--stats-data", help="ROME: texts for the statistics (Hub id, file or folder)")
-    edit.add_argument("--stats-samples", type=int, help="ROME: number of texts for the statistics")
-    edit.add_argument("--key-mode", choices=["original", "consistent"], help="ROME: key mode")
-    edit.add_argument("--device", help="device or device_map for the model, e.g. cuda, auto")
+    _add_method_options(edit, ["rome", "ft", "ft+l"])
     _add_output_options(edit, "adapter folder")
     _add_hub_options(edit)
     edit.set_defaults(run=cmd_edit)
+
+    evaluation = commands.add_parser(
+        "eval", help="edit and score a model on CounterFact or zsRE with the paper's metrics",
+        description="Edit each case of a CounterFact or zsRE data set and score it with the ROME paper's metrics "
+                    "under a named protocol: 'single' (the reference's: each case edited alone, then restored) or "
+                    "'sequential' (all edits accumulated, then every case scored). Prints a summary table and "
+                    "writes per-case results as JSON (--out).")
+    evaluation.add_argument("--model", required=True, help="model id or path (or an hf_edit edit folder)")
+    evaluation.add_argument("--data", required=True,
+                            help="'counterfact', 'zsre' (the reference's files), a JSON/JSONL file or a Hub "
+                                 "dataset id")
+    evaluation.add_argument("--split", default="train", help="split of a Hub dataset")
+    evaluation.add_argument("--n", type=int, help="evaluate the first N cases")
+    evaluation.add_argument("--protocol", choices=["single", "sequential"], default="single")
+    evaluation.add_argument("--every", type=int, help="sequential: also score the cases edited so far every N "
+                                                      "edits")
+    evaluation.add_argument("--batch-size", type=int, default=64, help="prompt rows per scoring forward pass")
+    evaluation.add_argument("--generation", action="store_true",
+                            help="CounterFact: also run the generation test (GE; slow)")
+    evaluation.add_argument("--zsre-target", choices=["answers", "alt"], default="answers",
+                            help="zsRE: edit in answers[0] (the reference) or alt (EasyEdit)")
+    evaluation.add_argument("--zsre-path", choices=["auto", "string", "ids"], default="auto",
+                            help="zsRE: build inputs by string concatenation (reference) or at the id level")
+    evaluation.add_argument("--out", metavar="FILE", help="write the results (JSON) here")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_method_options(evaluation, ["rome", "ft", "ft+l", "none"])
+    _add_hub_options(evaluation)
+    evaluation.set_defaults(run=cmd_eval)
 
     show = commands.add_parser("show", help="list the edits in an adapter folder or Hub repo",
                                description="Print the edits recorded in an hf_edit folder or Hub repo as a table "

@@ -24,6 +24,7 @@ __all__ = [
     "StatisticsNotFoundError",
     "OptimizationError",
     "EditFolderError",
+    "DatasetFormatError",
 ]
 
 
@@ -85,3 +86,7 @@ class OptimizationError(HfEditError):
 
 class EditFolderError(HfEditError):
     """A folder or repository does not hold a valid hf_edit edit (adapter and manifest disagree or are missing)."""
+
+
+class DatasetFormatError(HfEditError, ValueError):
+    """An evaluation data set is missing, unreadable, or in none of the supported formats."""

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import EditTarget, base_layer, unwrap_model
+from .architecture import EditTarget, base_layer, max_positions, unwrap_model
 from .errors import (
     ConfigError,
     InsufficientStatisticsError,
@@ -521,9 +521,7 @@ def _max_length(model: nn.Module, max_length: int | None) -> int:
     """min(max_length, the model's n_positions / max_position_embeddings)."""
     if max_length is not None and int(max_length) < 1:
         raise ConfigError(f"max_length must be ≥ 1, got {max_length}.")
-    config = unwrap_model(model).config.get_text_config()
-    model_limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    limits = [int(x) for x in (max_length, model_limit) if x]
+    limits = [int(x) for x in (max_length, max_positions(model)) if x]
     if not limits:
         raise ConfigError("The model config has no n_positions/max_position_embeddings: pass max_length.")
     return min(limits)

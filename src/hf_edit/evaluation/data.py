@@ -1,0 +1,359 @@
+"""Evaluation data: CounterFact (ROME format and EasyEdit's reduced format) and zsRE (ROME/MEND format).
+
+Every source is read through ``datasets`` with explicit ``Features`` (so an all-empty list or a mixed-type id
+cannot silently change the schema) and converted to cases: an :class:`~hf_edit.EditRequest` plus the prompts each
+metric needs.  Sources: a local JSON/JSONL file, a URL, a Hub dataset id (``"owner/name"``, optional ``split``
+and ``revision``) or an in-memory ``datasets.Dataset``; the names ``"counterfact"`` and ``"zsre"`` mean the
+reference's original files (downloaded from the ROME project site, as the reference does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import DatasetFormatError, InvalidRequestError
+from ..requests import PLACEHOLDER, EditRequest
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = ["CounterFactCase", "ZsRECase", "EvalData", "load_eval_data", "load_counterfact", "load_zsre",
+           "DATA_ALIASES", "FORMATS"]
+
+#: Named data sets: the reference implementation's own files.
+DATA_ALIASES = {
+    "counterfact": "https://rome.baulab.info/data/dsets/counterfact.json",
+    "zsre": "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
+}
+
+#: ``"counterfact"`` (ROME's full records), ``"counterfact-easyedit"`` (reduced: one paraphrase, one neighbour,
+#: no attribute or generation prompts; its PS/NS are not the paper's) and ``"zsre"`` (ROME/MEND records).
+FORMATS = ("counterfact", "counterfact-easyedit", "zsre")
+Format = Literal["counterfact", "counterfact-easyedit", "zsre"]
+
+#: Keys that identify each format (all must be present).
+_FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "counterfact": ("case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"),
+    "counterfact-easyedit": ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+                             "locality_prompt"),
+    "zsre": ("subject", "src", "rephrase", "answers", "loc", "loc_ans"),
+}
+
+
+def _features(data_format: str) -> datasets.Features:
+    from datasets import Features, List, Value
+
+    text = Value("string")
+    if data_format == "counterfact":
+        target = {"str": text, "id": text}
+        return Features({
+            "case_id": Value("int64"), "pararel_idx": Value("int64"),
+            "requested_rewrite": {"prompt": text, "relation_id": text, "subject": text, "target_new": target,
+                                  "target_true": target},
+            "paraphrase_prompts": List(text), "neighborhood_prompts": List(text),
+            "attribute_prompts": List(text), "generation_prompts": List(text)})
+    if data_format == "counterfact-easyedit":
+        return Features({"case_id": Value("int64")} | {k: text for k in (
+            "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+            "locality_ground_truth")})
+    return Features({k: text for k in ("subject", "src", "pred", "rephrase", "alt", "loc", "loc_ans", "cond")}
+                    | {"answers": List(text)})
+
+
+@dataclass(frozen=True)
+class CounterFactCase:
+    """One CounterFact record: the edit and the prompts its metrics read.
+
+    Attributes:
+        request: the rewrite (``case_id``, ``target_true`` set).
+        paraphrase_prompts: prompts that paraphrase the rewrite (PS/PM).
+        neighborhood_prompts: other subjects whose object is ``target_true`` (NS/NM).
+        attribute_prompts: subjects whose object is ``target_new`` (scored, never aggregated).
+        generation_prompts: prompts for the generation tests (GE, RS).
+        relation_id, target_new_id, target_true_id: Wikidata ids (RS looks snippets up by them).
+        data_format: ``"counterfact"`` or ``"counterfact-easyedit"``.
+    """
+
+    request: EditRequest
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood_prompts: tuple[str, ...]
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    relation_id: str | None = None
+    target_new_id: str | None = None
+    target_true_id: str | None = None
+    data_format: str = "counterfact"
+
+    @property
+    def case_id(self) -> int | str | None:
+        return self.request.case_id
+
+    def prompts(self) -> dict[str, tuple[str, ...]]:
+        """The prefixes of the probability test, by kind (rewrite, paraphrase, neighborhood, attribute)."""
+        return {"rewrite": (self.request.filled_prompt,), "paraphrase": self.paraphrase_prompts,
+                "neighborhood": self.neighborhood_prompts, "attribute": self.attribute_prompts}
+
+
+@dataclass(frozen=True)
+class ZsRECase:
+    """One zsRE record.
+
+    Attributes:
+        request: the edit; ``target_new`` is ``answers[0]`` (the reference inserts the *correct* answer) or
+            ``alt`` (EasyEdit's choice), as chosen when loading.
+        paraphrase_prompts: ``[rephrase]``.
+        neighborhood_question: the unrelated NQ question ``loc`` (contains ``"nq question: "``).
+        neighborhood_answer: its answer ``loc_ans``.
+        target_field: ``"answers"`` or ``"alt"``.
+        metadata: the record's remaining fields (``pred``, ``alt``, ``answers``, ``cond``).
+    """
+
+    request: EditRequest
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood_question: str
+    neighborhood_answer: str
+    target_field: str = "answers"
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def case_id(self) -> int | str | None:
+        return self.request.case_id
+
+
+Case = CounterFactCase | ZsRECase
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Loaded cases plus where they came from.
+
+    Attributes:
+        cases: the cases, in file order (truncated to the first ``n``).
+        data_format: one of :data:`FORMATS`.
+        source: what was loaded (path, URL, Hub id).
+        fingerprint: sha256 of the file, or Hub id/revision/split plus the ``datasets`` fingerprint.
+        n_total: records in the source before truncation.
+    """
+
+    cases: tuple[Case, ...]
+    data_format: str
+    source: str
+    fingerprint: str
+    n_total: int
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __iter__(self):
+        return iter(self.cases)
+
+    def describe(self) -> dict[str, Any]:
+        """What a result file records about the data."""
+        return {"source": self.source, "format": self.data_format, "fingerprint": self.fingerprint,
+                "n": len(self.cases), "n_total": self.n_total}
+
+
+def load_eval_data(source: str | os.PathLike | datasets.Dataset, *, data_format: Format | None = None,
+                   n: int | None = None, split: str = "train", revision: str | None = None,
+                   zsre_target: Literal["answers", "alt"] = "answers") -> EvalData:
+    """Load an evaluation data set and convert it to cases.
+
+    Args:
+        source: a local JSON/JSONL file, a URL, a Hub dataset id, ``"counterfact"``/``"zsre"`` (the reference's
+            files), or a ``datasets.Dataset``.
+        data_format: one of :data:`FORMATS`; detected from the columns when omitted.
+        n: keep the first ``n`` records (the reference's ``--dataset_size_limit``).
+        split, revision: for Hub datasets.
+        zsre_target: zsRE's edit target: ``"answers"`` (``answers[0]``, the reference) or ``"alt"`` (EasyEdit).
+
+    Raises:
+        DatasetFormatError: the source cannot be read, or its records match no supported format.
+    """
+    if n is not None and n < 1:
+        raise DatasetFormatError(f"n must be a positive number of records, got {n}.")
+    if zsre_target not in ("answers", "alt"):
+        raise DatasetFormatError(f"zsre_target must be 'answers' or 'alt', got {zsre_target!r}.")
+    raw, described, fingerprint, files = _read(source, split=split, revision=revision)
+    detected = data_format or _detect_format(raw.column_names, described)
+    if detected not in FORMATS:
+        raise DatasetFormatError(f"Unknown data format {detected!r}; expected one of {FORMATS}.")
+    missing = [k for k in _FORMAT_KEYS[detected] if k not in raw.column_names]
+    if missing:
+        raise DatasetFormatError(f"{described} lacks the {detected} fields {missing} (it has {raw.column_names}).")
+    ds = _with_features(raw, detected, described, files)
+    n_total = len(ds)
+    if n is not None:
+        ds = ds.select(range(min(n, n_total)))
+    convert = {"counterfact": _counterfact_case, "counterfact-easyedit": _easyedit_case,
+               "zsre": lambda r, i: _zsre_case(r, i, zsre_target)}[detected]
+    cases = []
+    for index, record in enumerate(ds):
+        try:
+            cases.append(convert(record, index))
+        except InvalidRequestError as err:
+            raise DatasetFormatError(f"Record {index} of {described} is not a valid edit: {err}") from err
+    return EvalData(cases=tuple(cases), data_format=detected, source=described, fingerprint=fingerprint,
+                    n_total=n_total)
+
+
+def load_counterfact(source: str | os.PathLike | datasets.Dataset = "counterfact", n: int | None = None,
+                     **kwargs: Any) -> EvalData:
+    """CounterFact in the ROME format or EasyEdit's reduced one (detected); see :func:`load_eval_data`."""
+    data = load_eval_data(source, n=n, **kwargs)
+    if data.data_format == "zsre":
+        raise DatasetFormatError(f"{data.source} holds zsRE records, not CounterFact; use load_zsre.")
+    return data
+
+
+def load_zsre(source: str | os.PathLike | datasets.Dataset = "zsre", n: int | None = None,
+              target: Literal["answers", "alt"] = "answers", **kwargs: Any) -> EvalData:
+    """zsRE in the ROME/MEND format; see :func:`load_eval_data`."""
+    return load_eval_data(source, data_format="zsre", n=n, zsre_target=target, **kwargs)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+def _read(source: Any, *, split: str, revision: str | None
+          ) -> tuple[datasets.Dataset, str, str, list[str] | None]:
+    """The raw dataset, a description of the source, its fingerprint, and the JSON files it came from (if any)."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source, "a datasets.Dataset", f"dataset:{source._fingerprint}", None
+    if not isinstance(source, (str, os.PathLike)):
+        raise DatasetFormatError(f"Unsupported evaluation data {source!r}: pass a path, a URL, a Hub dataset id "
+                                 "or a datasets.Dataset.")
+    text = DATA_ALIASES.get(os.fspath(source), os.fspath(source))
+    path = Path(text).expanduser()
+    if path.is_file():
+        return _load_json([str(path)], str(path)), str(path), f"sha256:{_file_sha256(path)}", [str(path)]
+    if text.startswith(("http://", "https://")):
+        return _load_json([text], text), text, f"url:{text}", [text]
+    if _looks_like_path(text):
+        raise DatasetFormatError(f"Evaluation data file {text!r} does not exist.")
+    try:
+        ds = datasets.load_dataset(text, split=split, revision=revision)
+    except Exception as exc:
+        raise DatasetFormatError(f"Cannot load the evaluation data set {text!r} (split {split!r}): "
+                                 f"{type(exc).__name__}: {exc}. Pass a local JSON file instead.") from exc
+    return ds, f"{text}:{split}", f"hub:{text}@{revision or 'main'}:{split}:{ds._fingerprint}", None
+
+
+def _load_json(files: list[str], described: str, features: datasets.Features | None = None) -> datasets.Dataset:
+    import datasets
+
+    try:
+        return datasets.load_dataset("json", data_files=files, split="train", features=features)
+    except Exception as exc:
+        raise DatasetFormatError(f"Cannot read {described} as JSON records ({type(exc).__name__}: {exc}). "
+                                 "Expected a JSON array of records or JSON lines.") from exc
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+            or Path(text).suffix.lower() in (".json", ".jsonl"))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _detect_format(columns: Sequence[str], described: str) -> str:
+    for data_format, keys in _FORMAT_KEYS.items():
+        if all(k in columns for k in keys):
+            return data_format
+    raise DatasetFormatError(
+        f"{described} is in no supported format (columns: {list(columns)}). Expected CounterFact records "
+        "(requested_rewrite, paraphrase_prompts, ...), EasyEdit's CounterFact records (prompt, subject, "
+        "target_new, ground_truth, rephrase_prompt, locality_prompt) or zsRE records (src, answers, loc, ...).")
+
+
+def _with_features(ds: datasets.Dataset, data_format: str, described: str,
+                   files: list[str] | None) -> datasets.Dataset:
+    """The data with the format's explicit features: JSON files are read again with them (which repairs lists that
+    are empty everywhere and ids of mixed types); other data sets are cast (extra columns dropped, missing
+    optional ones added empty)."""
+    features = _features(data_format)
+    for name, feature in features.items():
+        if name not in ds.column_names:
+            if files is not None:  # the JSON reader fills missing optional keys with None itself
+                break
+            default = [] if hasattr(feature, "feature") else None
+            ds = ds.add_column(name, [default] * len(ds))
+    try:
+        if files is not None:
+            return _load_json(files, described, features)
+        return ds.select_columns(list(features)).cast(features)
+    except DatasetFormatError:
+        raise
+    except Exception as exc:
+        raise DatasetFormatError(f"{described} does not fit the {data_format} schema ({type(exc).__name__}: "
+                                 f"{exc}).") from exc
+
+
+# -- conversion ---------------------------------------------------------------------------------------------------
+def _counterfact_case(record: dict[str, Any], index: int) -> CounterFactCase:
+    rewrite = record["requested_rewrite"]
+    request = EditRequest(prompt=rewrite["prompt"], subject=rewrite["subject"],
+                          target_new=rewrite["target_new"]["str"], target_true=rewrite["target_true"]["str"],
+                          case_id=record["case_id"] if record["case_id"] is not None else index)
+    return CounterFactCase(
+        request=request, paraphrase_prompts=tuple(record["paraphrase_prompts"] or ()),
+        neighborhood_prompts=tuple(record["neighborhood_prompts"] or ()),
+        attribute_prompts=tuple(record["attribute_prompts"] or ()),
+        generation_prompts=tuple(record["generation_prompts"] or ()), relation_id=_plain(rewrite["relation_id"]),
+        target_new_id=_plain(rewrite["target_new"]["id"]), target_true_id=_plain(rewrite["target_true"]["id"]))
+
+
+def _plain(value: str | None) -> str | None:
+    """Undo the JSON quoting that ``datasets`` applies to the string values of a column with mixed types (e.g. ids
+    ``"Q1860"`` in some records and ``1860`` in others read as ``'"Q1860"'`` and ``'1860'``)."""
+    if value and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return decoded if isinstance(decoded, str) else value
+    return value
+
+
+def _easyedit_case(record: dict[str, Any], index: int) -> CounterFactCase:
+    request = EditRequest(prompt=_placeholder_prompt(record["prompt"], record["subject"]),
+                          subject=record["subject"], target_new=record["target_new"],
+                          target_true=record["ground_truth"],
+                          case_id=record["case_id"] if record["case_id"] is not None else index)
+    return CounterFactCase(request=request, paraphrase_prompts=(record["rephrase_prompt"],),
+                           neighborhood_prompts=(record["locality_prompt"],),
+                           data_format="counterfact-easyedit")
+
+
+def _zsre_case(record: dict[str, Any], index: int, target_field: str) -> ZsRECase:
+    if "nq question: " not in record["loc"]:
+        raise InvalidRequestError(f"its neighbourhood question {record['loc']!r} lacks the 'nq question: ' "
+                                  "prefix of the ROME/MEND zsRE records.")
+    answers = list(record["answers"] or ())
+    if target_field == "answers" and not answers:
+        raise InvalidRequestError("it has no answers.")
+    target = answers[0] if target_field == "answers" else record["alt"]
+    request = EditRequest(prompt=_placeholder_prompt(record["src"], record["subject"]), subject=record["subject"],
+                          target_new=target or "", case_id=index)
+    return ZsRECase(request=request, paraphrase_prompts=(record["rephrase"],),
+                    neighborhood_question=record["loc"], neighborhood_answer=record["loc_ans"],
+                    target_field=target_field,
+                    metadata={k: record[k] for k in ("pred", "alt", "answers", "cond")})
+
+
+def _placeholder_prompt(filled: str, subject: str) -> str:
+    """The prompt with ``{}`` where the subject is (first occurrence; braces elsewhere are an error)."""
+    if not subject or subject not in filled:
+        raise InvalidRequestError(f"the subject {subject!r} does not occur in {filled!r}.")
+    return filled.replace(subject, PLACEHOLDER, 1)

@@ -1,0 +1,495 @@
+"""Score a model and an editing method on CounterFact or zsRE under a named protocol.
+
+Protocols:
+
+* ``"single"`` (the reference's ``experiments/evaluate.py``): every case is edited into the model *alone*; its
+  prompts are scored with that edit ("post"), then the edit is removed, which restores the model bitwise.  "pre"
+  scores are those of the model before any edit (batched across all cases in one pass, which equals the
+  reference's score-after-restore).  Post-edit scoring is batched across ``cases_per_batch`` cases at a time: each
+  case's edit factors are applied only to that case's rows through forward hooks (the same arithmetic as its
+  adapter), so every case gets the numbers it would get alone.
+* ``"sequential"``: all edits are applied cumulatively, each computed on the model edited so far; then every case
+  is scored on the model holding all edits.  With ``every=N`` the cases edited so far are also scored after every
+  N edits (retention curves).  The model is restored at the end.
+
+``method="none"`` scores the unedited model only.  An edit that fails (e.g. :class:`~hf_edit.errors.
+OptimizationError`) is recorded in its case and the run continues; such cases are left out of the post summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..adapters import LoraFactors
+from ..architecture import max_positions, unwrap_model
+from ..edited_model import Edit, EditedModel, MethodSpec
+from ..errors import ConfigError, HfEditError
+from ..hooks import as_batch_seq
+from ..stats import model_fingerprint
+from ..version import __version__
+from . import counterfact as cf
+from . import zsre
+from .data import CounterFactCase, EvalData, load_eval_data
+from .generation import AttributeSnippets, TfidfModel, generate_texts, generation_entropy, reference_score
+
+__all__ = ["evaluate_model", "EvaluationResult", "GenerationSettings", "PROTOCOLS"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("single", "sequential")
+Protocol = Literal["single", "sequential"]
+RESULT_FORMAT = "hf_edit.evaluation.v1"
+#: Order of the summary table's rows (others follow).
+_DISPLAY_ORDER = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "RS", "rewrite_acc", "paraphrase_acc",
+                  "neighborhood_acc", "score")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The generation tests (CounterFact records in the ROME format only).
+
+    Attributes:
+        max_length: tokens per text including the prompt (the reference's ``max_out_len=100``); capped at the
+            model's positions (the length used is recorded in the result).
+        top_k: top-k sampling (5 in the reference).
+        seed: seed of the local sampling generator (the reference does not seed).
+        word_tokenizer: ``"regex"`` (no data download; GE approximate) or ``"nltk"`` (exact; needs ``punkt_tab``).
+        snippets: attribute snippets for RS (``attribute_snippets.json``); RS is computed when given with ``tfidf``.
+        tfidf: the TF-IDF model for RS (the reference's ``idf.npy`` + ``tfidf_vocab.json``, or one fitted).
+    """
+
+    max_length: int = 100
+    top_k: int = 5
+    seed: int = 0
+    word_tokenizer: Literal["regex", "nltk"] = "regex"
+    snippets: AttributeSnippets | None = None
+    tfidf: TfidfModel | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "top_k": self.top_k, "seed": self.seed,
+                "word_tokenizer": self.word_tokenizer, "ge_exact": self.word_tokenizer == "nltk",
+                "rs": self.snippets is not None and self.tfidf is not None,
+                "idf_refitted": bool(getattr(self.tfidf, "refitted", False)) if self.tfidf is not None else None}
+
+
+@dataclass
+class EvaluationResult:
+    """Everything a run produced: settings, provenance, per-case records and summaries.
+
+    Attributes:
+        protocol: ``"single"`` or ``"sequential"``.
+        method: ``"rome"``, ``"ft"``, ``"ft+l"`` or ``"none"``.
+        method_config: the resolved hyperparameters of the edits (``None`` for ``"none"``).
+        model: name, revision and weight fingerprint of the evaluated model.
+        data: source, format, fingerprint and size of the data set.
+        summary: ``{"pre": {metric: {mean, std, stderr, n}}, "post": {...}}``, ×100.
+        cases: one record per case: the request, the edit's outcome, pre and post scores.
+        checkpoints: sequential protocol with ``every``: summaries after every N edits.
+        timing: seconds spent editing, scoring and generating; cases per second.
+        settings: batch sizes, zsRE path, generation settings.
+        environment: versions of hf_edit, torch, transformers, peft; device.
+    """
+
+    protocol: str
+    method: str
+    method_config: dict[str, Any] | None
+    model: dict[str, Any]
+    data: dict[str, Any]
+    summary: dict[str, dict[str, dict[str, float]]]
+    cases: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": RESULT_FORMAT, **asdict(self)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON (NaN written as ``null``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_json_safe(self.to_dict()), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EvaluationResult:
+        values = json.loads(Path(path).read_text())
+        if values.pop("format", None) != RESULT_FORMAT:
+            raise ConfigError(f"{path} is not an hf_edit evaluation result ({RESULT_FORMAT}).")
+        return cls(**values)
+
+    def table(self) -> str:
+        """The summary as a text table: one row per metric, pre and post columns (mean ± standard error)."""
+        phases = [p for p in ("pre", "post") if self.summary.get(p)]
+        names = list(dict.fromkeys(n for p in phases for n in self.summary[p]))
+        names.sort(key=lambda n: _DISPLAY_ORDER.index(n) if n in _DISPLAY_ORDER else len(_DISPLAY_ORDER))
+        header = ["metric", *phases]
+        rows = [[name, *(_cell(self.summary[p].get(name)) for p in phases)] for name in names]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        title = (f"{self.data.get('format')} · {self.method} · protocol={self.protocol} · "
+                 f"n={self.data.get('n')} · {self.timing.get('cases_per_second', float('nan')):.3f} cases/s")
+        return "\n".join([title, *lines])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _cell(value: Mapping[str, float] | None) -> str:
+    if not value:
+        return "-"
+    text = f"{value['mean']:.2f}"
+    if "stderr" in value:
+        text += f" ± {value['stderr']:.2f}"
+    return text
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- the runner ---------------------------------------------------------------------------------------------------
+def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: EvalData | str | os.PathLike, *,
+                   method: MethodSpec | Literal["none"] = "rome", protocol: Protocol = "single",
+                   tokenizer: PreTrainedTokenizerBase | None = None, n: int | None = None,
+                   every: int | None = None, batch_size: int = 64, cases_per_batch: int = 16,
+                   generation: GenerationSettings | bool = False, zsre_path: str = "auto",
+                   stats: Any = None, progress: bool = True) -> EvaluationResult:
+    """Edit and score ``data`` with ``method`` under ``protocol``; the model is left as it was given.
+
+    Args:
+        model: an :class:`~hf_edit.EditedModel` (existing edits stay and are part of "pre"), a transformers
+            causal LM (with ``tokenizer``), or a model id / path.
+        data: loaded :class:`EvalData` or anything :func:`~hf_edit.evaluation.load_eval_data` accepts.
+        method: ``"rome"``, ``"ft"``, ``"ft+l"``, a config object, or ``"none"`` (score the model as it is).
+        protocol: ``"single"`` (the reference's) or ``"sequential"``.
+        n: evaluate the first ``n`` cases.
+        every: sequential protocol: also score the cases edited so far after every ``every`` edits.
+        batch_size: rows per scoring forward pass.
+        cases_per_batch: single protocol: cases whose post-edit prompts are scored together.
+        generation: ``True`` or :class:`GenerationSettings` to run the generation tests (GE, RS) on CounterFact
+            records that have generation prompts.
+        zsre_path: zsRE inputs built by ``"string"`` concatenation (the reference), ``"ids"`` or ``"auto"``.
+        stats: second-moment statistics for ROME (see :class:`~hf_edit.EditedModel`).
+        progress: show progress bars.
+
+    Raises:
+        ConfigError: an unknown protocol, or ``every`` without the sequential protocol.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
+    if every is not None and (protocol != "sequential" or every < 1):
+        raise ConfigError("every= needs protocol='sequential' and a positive number of edits.")
+    if batch_size < 1 or cases_per_batch < 1:
+        raise ConfigError("batch_size and cases_per_batch must be positive.")
+    edited = _edited_model(model, tokenizer, stats, progress)
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data, n=n)
+    elif n is not None:
+        data = EvalData(cases=data.cases[:n], data_format=data.data_format, source=data.source,
+                        fingerprint=data.fingerprint, n_total=data.n_total)
+    settings = generation if isinstance(generation, GenerationSettings) else (
+        GenerationSettings() if generation else None)
+    if settings is not None and data.data_format != "counterfact":
+        raise ConfigError("The generation tests need CounterFact records in the ROME format (generation prompts).")
+    run = _Run(edited, data, settings, batch_size=batch_size, zsre_path=zsre_path, progress=progress)
+    method_name = _method_name(method)
+    started = time.perf_counter()
+    if method_name == "none":
+        run.score_pre()
+    elif protocol == "single":
+        run.score_pre()
+        run.single(method, cases_per_batch)
+    else:
+        run.score_pre()
+        run.sequential(method, every)
+    elapsed = time.perf_counter() - started
+    run.timing["total_seconds"] = elapsed
+    run.timing["cases_per_second"] = len(data) / elapsed if elapsed > 0 else math.nan
+    return EvaluationResult(
+        protocol=protocol, method=method_name, method_config=run.method_config, model=_describe_model(edited),
+        data=data.describe(), summary=run.summaries(), cases=run.records, checkpoints=run.checkpoints,
+        timing=dict(run.timing),
+        settings={"batch_size": batch_size, "cases_per_batch": cases_per_batch if protocol == "single" else None,
+                  "every": every, "zsre_path": run.zsre_path_used,
+                  "generation": settings.describe() | {"max_length_used": run.generation_length}
+                  if settings else None,
+                  "pre_existing_edits": run.base_edits},
+        environment=_environment(edited))
+
+
+def _method_name(method: Any) -> str:
+    if isinstance(method, str):
+        return method.lower()
+    from ..methods.ft import FTConfig
+
+    if isinstance(method, FTConfig):
+        return "ft+l" if method.constrained else "ft"
+    return "rome"
+
+
+def _edited_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, stats: Any,
+                  progress: bool) -> EditedModel:
+    if isinstance(model, EditedModel):
+        return model
+    return EditedModel.from_pretrained(model, tokenizer=tokenizer, stats=stats, progress=progress)
+
+
+def _describe_model(edited: EditedModel) -> dict[str, Any]:
+    base = unwrap_model(edited.model)
+    name = str(getattr(base, "name_or_path", "") or "")
+    return {"name_or_path": name, "revision": edited._revision, "model_type": base.config.model_type,
+            "fingerprint": model_fingerprint(base, edited._revision), "dtype": str(next(base.parameters()).dtype)}
+
+
+def _environment(edited: EditedModel) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {"hf_edit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(), "device": str(edited.device)}
+
+
+class _Run:
+    """State of one evaluation run: per-case records, timings and the scoring of each data format."""
+
+    def __init__(self, edited: EditedModel, data: EvalData, generation: GenerationSettings | None, *,
+                 batch_size: int, zsre_path: str, progress: bool) -> None:
+        self.edited, self.data, self.generation = edited, data, generation
+        self.tokenizer = edited.tokenizer
+        self.batch_size, self.progress = batch_size, progress
+        self.is_zsre = data.data_format == "zsre"
+        self.zsre_path_used = zsre.resolve_zsre_path(self.tokenizer, zsre_path) if self.is_zsre else None
+        self.base_edits = len(edited.edits)
+        limit = max_positions(edited.model)
+        self.generation_length = None if generation is None else min(
+            generation.max_length, limit if limit is not None else generation.max_length)
+        self.method_config: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] = [
+            {"case_id": case.case_id, "request": case.request.to_dict()} for case in data.cases]
+        self.checkpoints: list[dict[str, Any]] = []
+        self.timing: dict[str, float] = {"edit_seconds": 0.0, "score_seconds": 0.0, "generation_seconds": 0.0}
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+    def score(self, indices: Sequence[int], phase: str, *, row_edits: Mapping[int, list[Edit]] | None = None,
+              into_records: bool = True) -> list[dict[str, Any]]:
+        """Score the cases at ``indices`` on the model as it is (plus ``row_edits`` applied per case)."""
+        cases = [self.data.cases[i] for i in indices]
+        model = self.edited.model
+        row_cases: list[int] = []
+        batch_context = None
+        if row_edits:
+            local = {pos: row_edits[i] for pos, i in enumerate(indices) if i in row_edits}
+            batch_context = _per_row_context(unwrap_model(model), row_cases, local)
+        started = time.perf_counter()
+        if self.is_zsre:
+            scores = self._score_zsre(model, cases, batch_context, row_cases)
+        else:
+            scores = self._score_counterfact(model, cases, batch_context, row_cases)
+        self.timing["score_seconds"] += time.perf_counter() - started
+        if into_records:
+            for i, score in zip(indices, scores):
+                record = self.records[i].setdefault(phase, {})
+                metrics = record.get("metrics", {})
+                record.update(score)
+                record["metrics"] = metrics | score["metrics"]
+        return scores
+
+    def _score_counterfact(self, model, cases, batch_context, row_cases) -> list[dict[str, Any]]:
+        nlls = cf.counterfact_nlls(model, self.tokenizer, cases, batch_size=self.batch_size,
+                                   batch_context=batch_context, row_cases=row_cases)
+        return [{"nll": pairs, "metrics": cf.counterfact_case_metrics(pairs)} for pairs in nlls]
+
+    def _score_zsre(self, model, cases, batch_context, row_cases) -> list[dict[str, Any]]:
+        correct = zsre.zsre_correct(model, self.tokenizer, cases, path=self.zsre_path_used,
+                                    batch_size=self.batch_size, batch_context=batch_context, row_cases=row_cases)
+        return [{"correct": flags, "metrics": zsre.zsre_case_metrics(flags)} for flags in correct]
+
+    def generate(self, indices: Sequence[int], phase: str) -> None:
+        """Generation tests of the cases at ``indices`` on the model as it is now."""
+        if self.generation is None:
+            return
+        settings, started = self.generation, time.perf_counter()
+        prompts = [(i, p) for i in indices for p in self.data.cases[i].generation_prompts]
+        if prompts:
+            texts = generate_texts(self.edited.model, self.tokenizer, [p for _, p in prompts],
+                                   max_length=self.generation_length, top_k=settings.top_k, seed=settings.seed,
+                                   batch_size=self.batch_size)
+            by_case: dict[int, list[str]] = {}
+            for (i, _), text in zip(prompts, texts):
+                by_case.setdefault(i, []).append(text)
+            for i, case_texts in by_case.items():
+                self._record_generation(i, phase, case_texts)
+        self.timing["generation_seconds"] += time.perf_counter() - started
+
+    def _record_generation(self, index: int, phase: str, texts: list[str]) -> None:
+        settings, case = self.generation, self.data.cases[index]
+        assert settings is not None and isinstance(case, CounterFactCase)
+        record = self.records[index].setdefault(phase, {})
+        record["generation"] = {"texts": texts}
+        metrics = record.setdefault("metrics", {})
+        metrics["GE"] = generation_entropy(texts, tokenizer=settings.word_tokenizer)
+        if settings.snippets is not None and settings.tfidf is not None:
+            metrics["RS"] = reference_score(texts, settings.snippets, settings.tfidf, case.relation_id,
+                                            case.target_new_id)
+
+    def score_pre(self) -> None:
+        for chunk in self._chunks(list(range(len(self.data))), "scoring (pre)"):
+            self.score(chunk, "pre")
+            self.generate(chunk, "pre")
+
+    def _chunks(self, indices: list[int], what: str, size: int = 256) -> Iterator[list[int]]:
+        chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+        yield from tqdm(chunks, desc=what, disable=not self.progress or len(chunks) < 2)
+
+    # -- protocols ----------------------------------------------------------------------------------------------
+    def _edit(self, index: int, method: Any) -> list[Edit] | None:
+        case = self.data.cases[index]
+        started = time.perf_counter()
+        try:
+            edits = self.edited.edit(case.request, method=method)
+        except HfEditError as err:
+            logger.warning("Edit of case %s failed: %s", case.case_id, err)
+            self.records[index]["edit"] = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                                           "seconds": time.perf_counter() - started}
+            return None
+        seconds = time.perf_counter() - started
+        self.timing["edit_seconds"] += seconds
+        if self.method_config is None:
+            self.method_config = edits[0].config
+        self.records[index]["edit"] = {"ok": True, "seconds": seconds, "modules": [e.module for e in edits],
+                                       "info": _edit_summary(edits)}
+        return edits
+
+    def _remove(self, edits: list[Edit]) -> None:
+        for edit in reversed(edits):
+            index = next(i for i, e in enumerate(self.edited.edits) if e is edit)
+            self.edited.remove_edit(index)
+
+    def single(self, method: Any, cases_per_batch: int) -> None:
+        indices = list(range(len(self.data)))
+        bar = tqdm(total=len(indices), desc="editing (single)", disable=not self.progress)
+        for start in range(0, len(indices), cases_per_batch):
+            chunk, applied = indices[start:start + cases_per_batch], {}
+            for i in chunk:
+                edits = self._edit(i, method)
+                if edits is not None:
+                    self.generate([i], "post")
+                    self._remove(edits)
+                    applied[i] = edits
+                bar.update()
+            if applied:
+                self.score(list(applied), "post", row_edits=applied)
+        bar.close()
+
+    def sequential(self, method: Any, every: int | None) -> None:
+        made: list[Edit] = []
+        done: list[int] = []
+        try:
+            for i in tqdm(range(len(self.data)), desc="editing (sequential)", disable=not self.progress):
+                edits = self._edit(i, method)
+                if edits is not None:
+                    made += edits
+                    done.append(i)
+                if every and (i + 1) % every == 0 and i + 1 < len(self.data):
+                    self._checkpoint(i + 1, done)
+            for chunk in self._chunks(done, "scoring (post)"):
+                self.score(chunk, "post")
+                self.generate(chunk, "post")
+            if every:
+                self._checkpoint(len(self.data), done)
+        finally:
+            self._remove(made)
+
+    def _checkpoint(self, edits_made: int, done: list[int]) -> None:
+        scores = []
+        for chunk in self._chunks(list(done), f"scoring after {edits_made} edits"):
+            scores += self.score(chunk, "", into_records=False)
+        self.checkpoints.append({"edits": edits_made, "successful_edits": len(done),
+                                 "summary": self._summarize([s["metrics"] for s in scores])})
+
+    def _summarize(self, metrics: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+        if not metrics:
+            return {}
+        if self.is_zsre:
+            return zsre.summarize_zsre(metrics)
+        return cf.summarize(metrics)
+
+    def summaries(self) -> dict[str, dict[str, dict[str, float]]]:
+        out = {}
+        for phase in ("pre", "post"):
+            metrics = [r[phase]["metrics"] for r in self.records if phase in r and "metrics" in r[phase]]
+            if metrics:
+                out[phase] = self._summarize(metrics)
+        return out
+
+
+def _edit_summary(edits: list[Edit]) -> dict[str, Any]:
+    keep = ("k_dot_u", "norm_update", "norm_weight", "v_steps", "loss", "target_probability", "epochs", "steps",
+            "max_abs_delta_weight", "max_abs_delta_bias")
+    return {e.module: {k: v for k, v in e.info.items() if k in keep} for e in edits}
+
+
+# -- per-row edits ------------------------------------------------------------------------------------------------
+def _per_row_context(model: nn.Module, row_cases: list[int], case_edits: Mapping[int, list[Edit]]
+                     ) -> Callable[[list[int]], Any]:
+    """A ``batch_context`` for the scorers: each row gets the edits of its own case, through forward hooks on the
+    edited modules that add ``(x Aᵀ) Bᵀ (+ bias)`` to that row's output, exactly as its LoRA adapter would."""
+    modules = {e.module for edits in case_edits.values() for e in edits}
+
+    @contextmanager
+    def context(batch_rows: list[int]) -> Iterator[None]:
+        row_factors: dict[str, list[tuple[int, LoraFactors]]] = {m: [] for m in modules}
+        for position, row in enumerate(batch_rows):
+            for edit in case_edits.get(row_cases[row], ()):
+                row_factors[edit.module].append((position, edit.factors))
+        with ExitStack() as stack:
+            for name, factors in row_factors.items():
+                if factors:
+                    stack.enter_context(_add_row_deltas(model.get_submodule(name), factors, len(batch_rows)))
+            yield
+
+    return context
+
+
+@contextmanager
+def _add_row_deltas(module: nn.Module, row_factors: list[tuple[int, LoraFactors]], batch: int) -> Iterator[None]:
+    def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        seq = x.numel() // (batch * x.shape[-1])
+        inputs, out = as_batch_seq(x, (batch, seq)), as_batch_seq(output, (batch, seq)).clone()
+        for row, f in row_factors:
+            A, B = f.A.to(inputs.device), f.B.to(inputs.device)
+            delta = (inputs[row].to(A.dtype) @ A.T) @ B.T
+            if f.bias is not None:
+                delta = delta + f.bias.to(delta.device, delta.dtype)
+            out[row] = out[row] + delta.to(out.dtype)
+        return out.reshape(output.shape)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

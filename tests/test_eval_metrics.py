@@ -1,0 +1,42 @@
+"""The ``evaluate`` modules shipped in the package: they load offline by path and equal the plain functions."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import tiny_model
+
+import hf_edit.metrics
+from hf_edit.evaluation import generation_entropy, load_eval_data, zsre_correct
+from hf_edit.evaluation import aggregate
+from hf_edit.evaluation.zsre import metric_inputs, zsre_case_metrics, zsre_scores
+
+evaluate = pytest.importorskip("evaluate")
+
+
+def test_every_shipped_module_is_a_file_in_the_package():
+    for name in hf_edit.metrics.METRICS:
+        assert hf_edit.metrics.path(name).endswith(f"{name}/{name}.py")
+    with pytest.raises(ValueError, match="Unknown hf_edit metric"):
+        hf_edit.metrics.path("accuracy")
+
+
+def test_zsre_module_equals_the_plain_functions(gpt2_tokenizer, shared_data):
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), seed=2)
+    cases = load_eval_data(shared_data / "zsre" / "zsre-eval-subset.json", n=4).cases
+    flags = zsre_correct(model, gpt2_tokenizer, cases)
+    metric = hf_edit.metrics.load("zsre")
+    from_module = metric.compute(**metric_inputs({c.case_id: f for c, f in zip(cases, flags)}))
+    assert from_module == pytest.approx(zsre_scores(flags))
+    means = [sum(zsre_case_metrics(f)["rewrite_acc"] for f in flags) / len(flags)]
+    assert from_module["rewrite_acc"] == pytest.approx(100 * means[0])
+    assert {"rewrite_acc", "paraphrase_acc", "neighborhood_acc", "score", "n_cases"} <= set(from_module)
+
+
+def test_generation_entropy_module_equals_the_plain_function():
+    texts = {"a": ["the cat sat on the mat", "a dog ran and a dog sat"], "b": ["one two three one two three"]}
+    metric = evaluate.load(hf_edit.metrics.path("generation_entropy"))
+    result = metric.compute(case_id=[k for k, v in texts.items() for _ in v],
+                            text=[t for v in texts.values() for t in v])
+    expected = aggregate.summarize([{"GE": generation_entropy(v)} for v in texts.values()])["GE"]
+    assert result["GE"] == pytest.approx(expected["mean"]) and result["GE_stderr"] == pytest.approx(expected["stderr"])
+    assert result["n_cases"] == 2 and result["word_tokenizer"] == "regex"
