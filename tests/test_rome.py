@@ -88,7 +88,7 @@ def test_first_adam_step_follows_the_independent_nll_gradient(gpt2_tokenizer, st
     for p in model.parameters():
         p.requires_grad_(False)
     editor, target = _editor(model, gpt2_tokenizer, layers=1, v_num_grad_steps=2, early_stop_loss=0.0,
-                             clamp_norm_factor=1e6, **stats_config)
+                             clamp_norm_factor=1e6, guard=False, **stats_config)
     update = editor.compute(REQUEST, target)
     module = model.get_submodule(target.name)
     contexts = [t.replace("{}", REQUEST.filled_prompt) for t in TEMPLATES]
@@ -232,7 +232,7 @@ def test_layers_below_the_edit_run_once_without_changing_v_star(gpt2_tokenizer, 
 
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=2, v_num_grad_steps=6, early_stop_loss=0.0,
-                             **stats_config)
+                             guard=False, guard_prompts=(), guard_max_kl=None, **stats_config)  # count v* passes only
     editor.stats_for(target)
     calls = {"below": 0, "edited": 0}  # counted on the MLPs, which a replayed layer does not call
     model.transformer.h[1].mlp.register_forward_hook(lambda *_: calls.__setitem__("below", calls["below"] + 1))

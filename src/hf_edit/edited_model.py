@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .adapters import ADAPTER_NAME, LoraFactors, attach_adapters, quiet_peft, read_adapter_factors
-from .architecture import resolve_target, unwrap_model
+from .architecture import base_layer, resolve_target, unwrap_model
 from .errors import EditFolderError, HfEditError, UnknownMethodError
 from .methods.ft import FTConfig, FTEditor, ft_preset_for
 from .methods.rome import ROMEConfig, ROMEEditor, rome_preset_for
@@ -346,6 +347,7 @@ class EditedModel:
         model = self._model
         if self._peft is not None:
             manifest = self.manifest()
+            self._warn_if_merge_quantises()
             with quiet_peft():
                 model = self._peft.merge_and_unload()
             from .hub import attach_merged_card
@@ -353,6 +355,32 @@ class EditedModel:
             attach_merged_card(model, manifest)
         self._peft, self._model = None, None
         return model
+
+    def _warn_if_merge_quantises(self) -> None:
+        """Warn when merging into half-precision weights loses part of the (float32) edits."""
+        lost = {}
+        for module_name, delta in self._dense_deltas().items():
+            weight = resolve_target(self._model, None, module_name)
+            base = base_layer(unwrap_model(self._model).get_submodule(weight.name)).weight
+            if base.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            delta = delta.T if weight.is_conv1d else delta
+            merged = (base.float() + delta.to(base.device)).to(base.dtype).float() - base.float()
+            lost[module_name] = ((merged - delta.to(base.device)).norm() / delta.norm().clamp_min(1e-30)).item()
+        if lost:
+            worst = max(lost, key=lost.get)
+            warnings.warn(
+                f"Merging float32 edits into {next(self._model.parameters()).dtype} weights quantises them: the "
+                f"merged change differs from the edit by {100 * lost[worst]:.1f}% (relative norm) in {worst}. Keep "
+                "the edits as an adapter, or load the model in float32 before merging.", UserWarning, stacklevel=3)
+
+    def _dense_deltas(self) -> dict[str, torch.Tensor]:
+        """ΔW (Linear orientation, float32, CPU) of every edited module, all edits summed."""
+        deltas: dict[str, torch.Tensor] = {}
+        for e in self._edits:
+            delta = e.factors.B.float() @ e.factors.A.float()
+            deltas[e.module] = deltas[e.module] + delta if e.module in deltas else delta
+        return deltas
 
     # -- saving ----------------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:

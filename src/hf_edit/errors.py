@@ -24,6 +24,7 @@ __all__ = [
     "StatisticsNotFoundError",
     "OptimizationError",
     "EditFolderError",
+    "DisablingEditError",
     "DatasetFormatError",
 ]
 
@@ -82,6 +83,18 @@ class InsufficientStatisticsError(StatisticsError):
 
 class OptimizationError(HfEditError):
     """The optimisation of an edit produced NaN or inf; nothing was applied."""
+
+
+class DisablingEditError(HfEditError):
+    """An edit failed the disabling-edit guard (its update would break the model); nothing was applied.
+
+    Attributes:
+        diagnostics: the guard's measurements (relative norm, key alignment, KL on unrelated prompts).
+    """
+
+    def __init__(self, message: str, diagnostics: dict | None = None) -> None:
+        super().__init__(message)
+        self.diagnostics = dict(diagnostics or {})
 
 
 class EditFolderError(HfEditError):

@@ -400,11 +400,33 @@ def _hub_commit(name: str, revision: str | None) -> str | None:
 
 
 def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer except LoRA's, by its name without PEFT's ``.base_layer``; weights offloaded by
+    accelerate (meta tensors on the module) are read from the offload's weights map."""
     tensors = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if "lora_" not in name:
+            if tensor.is_meta:
+                tensor = _offloaded_tensor(model, name)
             tensors[name.replace(".base_layer", "")] = tensor
     return tensors
+
+
+def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The value of a tensor that accelerate offloaded (to CPU or disk): looked up in the weights map of the
+    ``AlignDevicesHook`` of the closest enclosing module that has one."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        hook = getattr(module, "_hf_hook", None)
+        for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(candidate, "weights_map", None)
+            if weights is not None:
+                try:
+                    return weights[".".join(parts[depth:])]
+                except KeyError:
+                    continue
+    raise StatisticsError(f"{name} is on the meta device and no offload map holds its value: cannot fingerprint "
+                          "the model. Load it with real weights (or an accelerate device_map with offloading).")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -31,7 +31,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..architecture import EditTarget, base_layer, find_layout, num_layers, resolve_target, unwrap_model
-from ..errors import ConfigError, OptimizationError, StatisticsMismatchError, UnsupportedArchitectureError
+from ..errors import (
+    ConfigError,
+    DisablingEditError,
+    OptimizationError,
+    StatisticsMismatchError,
+    UnsupportedArchitectureError,
+)
 from ..hooks import add_at_positions, capture, frozen_eval, only_positions, replay_outputs
 from ..requests import EditRequest
 from ..stats import SecondMomentStats, load_or_compute_stats
@@ -48,6 +54,15 @@ KeyMode = Literal["original", "consistent"]
 #: Reference hyperparameter keys that configure module paths hf_edit finds by itself; accepted and ignored.
 _REFERENCE_ONLY_KEYS = {"layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module",
                         "mom2_update_weight", "stats_dir"}
+
+
+#: Defaults of the disabling-edit guard, chosen from the first 50 sequential edits on cf-facts-gpt2 in both key
+#: modes (benchmarks/long_run.py, README): the consistent mode (alignment 1 by construction) had no ‖ΔW‖/‖W‖ above
+#: 1.9 and no KL above 0.1; the original mode's exploding updates (‖ΔW‖/‖W‖ 7–19) had alignments below 0.26.
+GUARD_MAX_RELATIVE_NORM = 10.0
+GUARD_MIN_KEY_ALIGNMENT = 0.2
+GUARD_MAX_KL = 0.5
+GUARD_PROMPTS = ("The weather today is", "My favourite food is", "He opened the door and", "The number after nine is")
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,17 @@ class ROMEConfig:
         key_mode: ``"original"`` (reference: W′k_cur + b = v*) or ``"consistent"`` (r-ROME: W′k̄ + b = v*).
         rewrite_module_tmp: explicit module path with ``{}`` for the layer (e.g.
             ``"transformer.h.{}.mlp.c_proj"``); default: found by architecture discovery.
+        guard: check every update before it is applied and raise :class:`~hf_edit.errors.DisablingEditError`
+            (nothing applied) if it exceeds one of the thresholds below (``None`` switches a check off).  The
+            measurements are recorded in each edit's ``info`` whether or not the guard is on.
+        guard_max_relative_norm: the largest ‖ΔW‖_F / ‖W‖_F allowed.
+        guard_min_key_alignment: the smallest cosine, in the C⁻¹ metric, between the key the update is solved for
+            (k_cur in the original key mode) and the template-averaged key k̄ that defines u.  Near 0, k_cur·u
+            vanishes and the update explodes: the "disabling edit" of sequential ROME.  Always 1 in the
+            consistent key mode.
+        guard_max_kl: the largest mean KL(P_before ‖ P_after) of the next-token distribution at the end of the
+            ``guard_prompts`` (unrelated text), in nats.
+        guard_prompts: the unrelated prompts of the KL check.
     """
 
     layers: tuple[int, ...] | None = None
@@ -107,6 +133,11 @@ class ROMEConfig:
     seed: int = 0
     key_mode: KeyMode = "original"
     rewrite_module_tmp: str | None = None
+    guard: bool = True
+    guard_max_relative_norm: float | None = GUARD_MAX_RELATIVE_NORM
+    guard_min_key_alignment: float | None = GUARD_MIN_KEY_ALIGNMENT
+    guard_max_kl: float | None = GUARD_MAX_KL
+    guard_prompts: tuple[str, ...] = GUARD_PROMPTS
 
     def __post_init__(self) -> None:
         as_tuple = lambda x: tuple(x) if x is not None and not isinstance(x, (str, int)) else x  # noqa: E731
@@ -115,6 +146,7 @@ class ROMEConfig:
         object.__setattr__(self, "context_template_length_params",
                            tuple(tuple(p) for p in self.context_template_length_params))
         object.__setattr__(self, "context_templates", as_tuple(self.context_templates))
+        object.__setattr__(self, "guard_prompts", as_tuple(self.guard_prompts) or ())
         self._validate()
 
     def _validate(self) -> None:
@@ -134,6 +166,12 @@ class ROMEConfig:
         for name in ("kl_factor", "v_weight_decay", "mom2_damping"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}.")
+        for name in ("guard_max_relative_norm", "guard_min_key_alignment", "guard_max_kl"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name} must be non-negative or None, got {value}.")
+        if self.guard and self.guard_max_kl is not None and not self.guard_prompts:
+            raise ConfigError("guard_max_kl needs guard_prompts (unrelated prompts to measure the KL on).")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ROMEConfig:
@@ -351,7 +389,10 @@ class ROMEEditor:
             raise OptimizationError(
                 f"The ROME update for {request.subject!r} is not finite (k·u = {denominator.item():.3g}). Nothing "
                 "was applied; check the statistics (more texts, or mom2_damping) and the request.")
-        info = dict(opt_info, key_mode=self.config.key_mode, k_dot_u=denominator.item(),
+        diagnostics = self._guard_diagnostics(module, target, u, rv, key, k_mean)
+        if self.config.guard:
+            self._check_guard(request, diagnostics)
+        info = dict(opt_info, **diagnostics, key_mode=self.config.key_mode, k_dot_u=denominator.item(),
                     norm_rv=rv.norm().item(), norm_v_star=v_star.norm().item(),
                     norm_v_init=v_init.norm().item(), norm_delta=(v_star - v_init).norm().item(),
                     norm_residual=(v_star - current).norm().item(),
@@ -362,6 +403,68 @@ class ROMEEditor:
                     stats_fingerprint=self.stats_for(target).fingerprint() if self.config.mom2_adjustment else None,
                     timings=timings)
         return RankOneUpdate(target=target, u=u, v=rv, key=key, value=v_star, info=info)
+
+    def _guard_diagnostics(self, module: nn.Module, target: EditTarget, u: torch.Tensor, rv: torch.Tensor,
+                           key: torch.Tensor, k_mean: torch.Tensor) -> dict[str, float]:
+        """What the disabling-edit guard checks: ‖ΔW‖/‖W‖, the key alignment and the KL on unrelated prompts."""
+        weight_norm = base_layer(module).weight.float().norm()
+        diagnostics = {"relative_norm": (rv.norm() * u.norm() / weight_norm).item(),
+                       "key_alignment": self._key_alignment(target, key, k_mean)}
+        if self.config.guard_prompts:
+            diagnostics["guard_kl"] = self._unrelated_kl(module, u, rv)
+        return diagnostics
+
+    def _key_alignment(self, target: EditTarget, key: torch.Tensor, k_mean: torch.Tensor) -> float:
+        """cos(k, k̄) in the C⁻¹ metric: kᵀC⁻¹k̄ / √(kᵀC⁻¹k · k̄ᵀC⁻¹k̄) (C = I without mom2_adjustment)."""
+        if self.config.key_mode == "consistent":
+            return 1.0
+        solve = ((lambda k: self.stats_for(target).solve(k, damping=self.config.mom2_damping).to(k))
+                 if self.config.mom2_adjustment else (lambda k: k))
+        inv_key, inv_mean = solve(key), solve(k_mean)
+        return (torch.dot(key, inv_mean) / torch.sqrt(torch.dot(key, inv_key) * torch.dot(k_mean, inv_mean))).item()
+
+    @torch.no_grad()
+    def _unrelated_kl(self, module: nn.Module, u: torch.Tensor, rv: torch.Tensor) -> float:
+        """Mean KL(P_before ‖ P_after) of the next token after each guard prompt, P_after with ΔW = rv uᵀ added."""
+        encoded = [self.tokenizer(p)["input_ids"] for p in self.config.guard_prompts]
+        device = base_layer(module).weight.device
+        batch = pad_batch(encoded, pad_token_id(self.tokenizer), device)
+        rows, last = torch.arange(len(encoded)), torch.tensor([len(ids) - 1 for ids in encoded])
+        head = unwrap_model(self.model).get_output_embeddings()
+
+        def next_token_logprobs() -> torch.Tensor:
+            with only_positions(head, rows, last):
+                return self.model(**batch).logits[0].float().log_softmax(-1)
+
+        def add_update(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0].float()
+            return (output.float() + (x @ u.to(x.device))[..., None] * rv.to(x.device)).to(output.dtype)
+
+        with frozen_eval(self.model):
+            before = next_token_logprobs()
+            handle = module.register_forward_hook(add_update)
+            try:
+                after = next_token_logprobs()
+            finally:
+                handle.remove()
+        return (before.exp() * (before - after)).sum(-1).mean().item()
+
+    def _check_guard(self, request: EditRequest, diagnostics: dict[str, float]) -> None:
+        cfg, problems = self.config, []
+        if cfg.guard_max_relative_norm is not None and not diagnostics["relative_norm"] <= cfg.guard_max_relative_norm:
+            problems.append(f"‖ΔW‖/‖W‖ = {diagnostics['relative_norm']:.3g} > {cfg.guard_max_relative_norm}")
+        if cfg.guard_min_key_alignment is not None and not (
+                abs(diagnostics["key_alignment"]) >= cfg.guard_min_key_alignment):
+            problems.append(f"|key alignment| = {abs(diagnostics['key_alignment']):.3g} < "
+                            f"{cfg.guard_min_key_alignment} (k·u nearly vanishes)")
+        if cfg.guard_max_kl is not None and "guard_kl" in diagnostics and not (
+                diagnostics["guard_kl"] <= cfg.guard_max_kl):
+            problems.append(f"KL on unrelated prompts = {diagnostics['guard_kl']:.3g} > {cfg.guard_max_kl}")
+        if problems:
+            raise DisablingEditError(
+                f"The ROME update for {request.subject!r} -> {request.target_new!r} would break the model: "
+                + "; ".join(problems) + ". Nothing was applied. Skip this edit, try key_mode='consistent', or "
+                "relax the guard_* thresholds (guard=False turns the guard off).", diagnostics)
 
     def _encode(self, template: str, request: EditRequest) -> Encoded:
         """Tokenise ``template`` filled with the prompt and subject (built by concatenation, never ``format``)."""
