@@ -40,3 +40,26 @@ def test_generation_entropy_module_equals_the_plain_function():
     expected = aggregate.summarize([{"GE": generation_entropy(v)} for v in texts.values()])["GE"]
     assert result["GE"] == pytest.approx(expected["mean"]) and result["GE_stderr"] == pytest.approx(expected["stderr"])
     assert result["n_cases"] == 2 and result["word_tokenizer"] == "regex"
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(gpt2_tokenizer, wikitext_path):
+    import math
+
+    import torch
+
+    from hf_edit.evaluation.perplexity import perplexity, token_windows
+
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), seed=3)
+    texts = wikitext_path.read_text().splitlines()[:40]
+    windows = token_windows(gpt2_tokenizer, texts, 16, max_windows=5)
+    assert len(windows) == 5 and all(len(w) == 16 for w in windows)
+    stream = gpt2_tokenizer("\n".join(t for t in texts if t.strip()), add_special_tokens=False)["input_ids"]
+    assert windows[1] == stream[16:32]
+    nlls = []
+    for window in windows:  # one unbatched sequence at a time
+        with torch.no_grad():
+            logprobs = model(torch.tensor([window])).logits[0].log_softmax(-1)
+        nlls += [-logprobs[i, window[i + 1]].item() for i in range(len(window) - 1)]
+    assert perplexity(model, windows, batch_size=2) == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        perplexity(tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), n_positions=8), windows)
