@@ -128,3 +128,35 @@ def test_fifty_sequential_edits_keep_every_factor_finite(gpt2_tokenizer, counter
     assert lora and all(torch.isfinite(p).all() for p in lora)
     assert sum(p.shape[0] for n, p in edited.peft_model.named_parameters() if "lora_A" in n) == len(edited.edits)
     assert torch.isfinite(_logits(edited, gpt2_tokenizer)).all()
+
+
+def test_many_edits_fold_into_a_dense_delta_and_save_exactly(tmp_path, gpt2_tokenizer, model):
+    from peft import PeftModel
+
+    from hf_edit.adapters import read_adapter_factors
+
+    stats = _stats_with_inverse(torch.eye(model.transformer.h[1].mlp.c_proj.weight.shape[0], dtype=torch.float64))
+    requests = [REQUEST, EditRequest(prompt="{} plays the sport of", subject="Michael Jordan", target_new="chess"),
+                EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")]
+    stacked = EditedModel(copy.deepcopy(model), gpt2_tokenizer, method=_config(guard=False), stats=stats,
+                          progress=False, fold_rank=None)
+    folded = EditedModel(copy.deepcopy(model), gpt2_tokenizer, method=_config(guard=False), stats=stats,
+                         progress=False, fold_rank=2)
+    stacked.edit(requests)
+    folded.edit(requests)
+    name = stacked.edits[0].module
+    assert stacked.representation() == {"default": {name: "rank 3"}}
+    assert folded.representation() == {"default": {name: "dense (3 edits folded)"}}
+    torch.testing.assert_close(_logits(folded, gpt2_tokenizer), _logits(stacked, gpt2_tokenizer), rtol=0, atol=1e-5)
+    folded.save_pretrained(tmp_path / "edits")
+    assert folded.representation()["default"][name] == "dense (3 edits folded)"  # saving keeps the fold
+    plain = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "edits")
+    saved = read_adapter_factors(plain)[name]
+    assert saved.rank == 3  # the folder holds the exact rank-one factors
+    for i, edit in enumerate(stacked.edits):
+        torch.testing.assert_close(saved.A[i], edit.factors.A[0], rtol=0, atol=0)
+    folded.remove_edit(0)
+    folded.remove_edit(0)
+    assert folded.representation() == {"default": {name: "rank 1"}}
+    with pytest.raises(ConfigError, match="fold_rank"):
+        EditedModel(copy.deepcopy(model), gpt2_tokenizer, fold_rank=0)

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from .adapters import ADAPTER_NAME, LoraFactors, attach_adapters, quiet_peft, read_adapter_factors
 from .architecture import base_layer, resolve_target, unwrap_model
-from .errors import EditFolderError, HfEditError, UnknownMethodError
+from .errors import ConfigError, EditFolderError, HfEditError, UnknownMethodError
 from .methods.ft import FTConfig, FTEditor, ft_preset_for
 from .methods.rome import ROMEConfig, ROMEEditor, rome_preset_for
 from .requests import EditRequest, as_request, as_requests
@@ -115,11 +115,16 @@ class EditedModel:
             means the configuration of the latest edit in ``edits``, else ``"rome"``.
         stats: explicit second-moment statistics (one object, or a mapping from layer/module name).
         progress: show progress bars.
+        fold_rank: when the ROME edits of one module in one adapter stack to a rank above this, the adapter holds
+            their sum as one dense delta instead (cheaper once the rank exceeds min(d_in, d_out)).  ``"auto"``
+            (default): min(d_in, d_out) of the module; ``None``: never fold.  :meth:`representation` says which
+            modules are folded; saved folders always hold the exact rank-k factors.
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, method: MethodSpec | None = None,
                  stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
-                 progress: bool = True, edits: list[Edit] | None = None, revision: str | None = None) -> None:
+                 progress: bool = True, edits: list[Edit] | None = None, revision: str | None = None,
+                 fold_rank: int | str | None = "auto") -> None:
         self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._model: nn.Module | None = unwrap_model(model).eval()
         self.tokenizer = tokenizer
@@ -129,6 +134,10 @@ class EditedModel:
         self._edits: list[Edit] = list(edits or [])
         self._revision = revision
         self._editors: dict[str, Editor] = {}
+        if not (fold_rank in (None, "auto") or (isinstance(fold_rank, int) and fold_rank >= 1)):
+            raise ConfigError(f"fold_rank must be 'auto', None or a positive integer, got {fold_rank!r}.")
+        self.fold_rank = fold_rank
+        self._folded: dict[tuple[str, str], int] = {}
         self._saved_templates: list[str] | None = next(
             (e.info["context_templates"] for e in reversed(self._edits) if "context_templates" in e.info), None)
 
@@ -356,6 +365,34 @@ class EditedModel:
         self._peft, self._model = None, None
         return model
 
+    def _adapter_factors(self, adapter: str, module: str, parts: list[LoraFactors], fold: bool) -> LoraFactors:
+        """The factors the adapter holds for ``module``: the stacked parts, or their dense sum when folded."""
+        stacked = LoraFactors.concat(parts)
+        # only stacks of several (ROME) parts fold; an FT/FT+L run is one dense part already
+        if not fold or self.fold_rank is None or len(parts) < 2 or any(p.bias is not None for p in parts):
+            return stacked
+        out_features, in_features = stacked.B.shape[0], stacked.A.shape[1]
+        threshold = min(out_features, in_features) if self.fold_rank == "auto" else self.fold_rank
+        if stacked.rank <= threshold:
+            return stacked
+        dense = _dense_factors(parts)
+        if (adapter, module) not in self._folded:
+            logger.info("Folded %d edits of %s (adapter %s) into one dense delta of rank %d.", len(parts), module,
+                        adapter, dense.rank)
+        self._folded[(adapter, module)] = len(parts)
+        return dense
+
+    def representation(self) -> dict[str, dict[str, str]]:
+        """How each adapter holds each edited module: ``"rank k"`` (k stacked edits) or ``"dense (k edits
+        folded)"`` when their sum is stored as one full-rank delta (see ``fold_rank``)."""
+        out: dict[str, dict[str, str]] = {}
+        for e in self._edits:
+            folded = self._folded.get((e.adapter, e.module))
+            rank = sum(x.factors.rank for x in self._edits if x.adapter == e.adapter and x.module == e.module)
+            out.setdefault(e.adapter, {})[e.module] = (f"dense ({folded} edits folded)" if folded
+                                                       else f"rank {rank}")
+        return out
+
     def _warn_if_merge_quantises(self) -> None:
         """Warn when merging into half-precision weights loses part of the (float32) edits."""
         lost = {}
@@ -416,8 +453,15 @@ class EditedModel:
               **card: Any) -> dict[str, Any]:
         manifest = self.manifest()
         save_directory = Path(save_directory)
-        with quiet_peft():
-            self._peft.save_pretrained(str(save_directory), **peft_kwargs)
+        folded = bool(self._folded)
+        if folded:  # the folder holds the exact rank-k factors of every edit
+            self._rebuild(fold=False)
+        try:
+            with quiet_peft():
+                self._peft.save_pretrained(str(save_directory), **peft_kwargs)
+        finally:
+            if folded:
+                self._rebuild()
         (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         from .hub import render_card
 
@@ -511,12 +555,14 @@ class EditedModel:
                                                 templates=templates, revision=self._revision)
         return self._editors[key]
 
-    def _rebuild(self) -> None:
-        """Make the adapters hold exactly ``self._edits`` (the base weights are never touched)."""
+    def _rebuild(self, fold: bool = True) -> None:
+        """Make the adapters hold exactly ``self._edits`` (the base weights are never touched); with ``fold``,
+        modules whose stacked ROME rank exceeds the fold rank hold one dense delta instead."""
         if self._peft is not None:
             with quiet_peft():
                 self._model = self._peft.unload()
             self._peft = None
+        self._folded = {}
         if not self._edits:
             return
         groups: dict[int, dict[str, list[LoraFactors]]] = {}
@@ -525,12 +571,21 @@ class EditedModel:
         names = {group: ADAPTER_NAME if i == 0 else f"edit_{i}" for i, group in enumerate(groups)}
         for e in self._edits:
             e.adapter = names[e.group]
-        adapters = [(names[g], {m: LoraFactors.concat(parts) for m, parts in modules.items()})
+        adapters = [(names[g], {m: self._adapter_factors(names[g], m, parts, fold) for m, parts in modules.items()})
                     for g, modules in groups.items()]
         is_conv1d = {m: resolve_target(self._model, None, m).is_conv1d for _, factors in adapters for m in factors}
         self._peft = attach_adapters(self._model, adapters, is_conv1d,
                                      base_model_name_or_path=getattr(self._model, "name_or_path", None) or None,
                                      revision=self._revision)
+
+
+def _dense_factors(parts: list[LoraFactors]) -> LoraFactors:
+    """The sum of rank-one parts as one full-rank factorisation: ΔW = I @ ΔW or ΔW @ I, whichever is thinner."""
+    delta = sum((p.B.float() @ p.A.float() for p in parts[1:]), parts[0].B.float() @ parts[0].A.float())
+    out_features, in_features = delta.shape
+    if out_features <= in_features:
+        return LoraFactors(A=delta, B=torch.eye(out_features))
+    return LoraFactors(A=torch.eye(in_features), B=delta)
 
 
 def _load_base(pretrained: str | os.PathLike, *, revision: str | None, token: str | bool | None,
