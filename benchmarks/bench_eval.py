@@ -16,30 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from _shared import COUNTERFACT, WIKITEXT, fact_model_path, median_seconds
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from hf_edit import EditedModel  # noqa: E402
-from hf_edit.evaluation import counterfact_nlls, evaluate_model, load_eval_data  # noqa: E402
-from hf_edit.methods.ft import ft_preset_for  # noqa: E402
-from hf_edit.methods.rome import rome_preset_for  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CF_FACTS = SHARED / "models" / "cf-facts-gpt2"
-STORIES = SHARED / "models" / "stories260K"
-COUNTERFACT = SHARED / "counterfact" / "counterfact-subset.json"
-WIKITEXT = SHARED / "corpus" / "wikitext-2-raw"
-
-
-def _model_path() -> Path:
-    return CF_FACTS if CF_FACTS.exists() else STORIES
+from hf_edit import EditedModel
+from hf_edit.evaluation import counterfact_nlls, evaluate_model, load_eval_data
+from hf_edit.methods.ft import ft_preset_for
+from hf_edit.methods.rome import rome_preset_for
 
 
 def _load(path: Path) -> EditedModel:
@@ -54,7 +40,7 @@ def _methods(model_id: str) -> dict[str, object]:
 
 
 def table(n: int, out: Path) -> None:
-    path = _model_path()
+    path = fact_model_path()
     data = load_eval_data(COUNTERFACT, n=n)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -79,23 +65,14 @@ def table(n: int, out: Path) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def _median_seconds(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def throughput(runs: int, n_score: int, n_edit: int) -> None:
-    path = _model_path()
+    path = fact_model_path()
     edited = _load(path)
     tok = edited.tokenizer
     data = load_eval_data(COUNTERFACT, n=n_score)
     rows = []
-    together = _median_seconds(lambda: counterfact_nlls(edited.model, tok, data.cases, batch_size=64), runs)
-    alone = _median_seconds(lambda: [counterfact_nlls(edited.model, tok, [c], batch_size=64) for c in data.cases],
+    together = median_seconds(lambda: counterfact_nlls(edited.model, tok, data.cases, batch_size=64), runs)
+    alone = median_seconds(lambda: [counterfact_nlls(edited.model, tok, [c], batch_size=64) for c in data.cases],
                             runs)
     rows.append(["scoring, unedited", n_score, n_score / alone, n_score / together])
     ft = ft_preset_for(str(path), constrained=False)
@@ -107,7 +84,7 @@ def throughput(runs: int, n_score: int, n_edit: int) -> None:
             result[0] = evaluate_model(_load(path), small, method=ft, protocol="single",
                                        cases_per_batch=per_batch, progress=False)
 
-        seconds = _median_seconds(run, runs)
+        seconds = median_seconds(run, runs)
         rows.append([f"single protocol, FT ({label})", n_edit, n_edit / seconds,
                      result[0].timing["score_seconds"]])
     print(f"\n{path.name}, median of {runs} runs:")

@@ -13,34 +13,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import torch
+from _shared import COUNTERFACT, fact_model_path, median_seconds
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from hf_edit.adapters import LoraFactors, attach_adapters, quiet_peft  # noqa: E402
-from hf_edit.architecture import resolve_target  # noqa: E402
-from hf_edit.evaluation import counterfact_nlls, load_eval_data  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CF_FACTS = SHARED / "models" / "cf-facts-gpt2"
-STORIES = SHARED / "models" / "stories260K"
-COUNTERFACT = SHARED / "counterfact" / "counterfact-subset.json"
-
-
-def _timed(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from hf_edit.adapters import LoraFactors, attach_adapters, quiet_peft
+from hf_edit.architecture import resolve_target
+from hf_edit.evaluation import counterfact_nlls, load_eval_data
 
 
 def main() -> None:
@@ -49,7 +29,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cases", type=int, default=50)
     args = parser.parse_args()
-    path = CF_FACTS if CF_FACTS.exists() else STORIES
+    path = fact_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     cases = load_eval_data(COUNTERFACT, n=args.cases).cases
     generator = torch.Generator().manual_seed(0)
@@ -63,7 +43,7 @@ def main() -> None:
             with quiet_peft():
                 model = attach_adapters(model, [("default", {target.name: factors})],
                                         {target.name: target.is_conv1d})
-        seconds = _timed(lambda m=model: counterfact_nlls(m, tok, cases), args.runs)
+        seconds = median_seconds(lambda m=model: counterfact_nlls(m, tok, cases), args.runs)
         baseline = seconds if baseline is None else baseline
         memory = 0 if not k else 4 * k * (target.in_features + target.out_features)
         rows.append((k, seconds, seconds / baseline, memory))

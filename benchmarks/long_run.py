@@ -29,24 +29,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import torch
+from _shared import COUNTERFACT, WIKITEXT, fact_model_path
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from hf_edit import EditedModel  # noqa: E402
-from hf_edit.architecture import max_positions  # noqa: E402
-from hf_edit.errors import HfEditError  # noqa: E402
-from hf_edit.evaluation import CounterFactCase, counterfact_case_metrics, counterfact_nlls, load_eval_data  # noqa
-from hf_edit.evaluation.perplexity import perplexity, token_windows  # noqa: E402
-from hf_edit.methods.rome import rome_preset_for  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CF_FACTS = SHARED / "models" / "cf-facts-gpt2"
-STORIES = SHARED / "models" / "stories260K"
-COUNTERFACT = SHARED / "counterfact" / "counterfact-subset.json"
-WIKITEXT = SHARED / "corpus" / "wikitext-2-raw"
+from hf_edit import EditedModel
+from hf_edit.architecture import max_positions
+from hf_edit.errors import HfEditError
+from hf_edit.evaluation import CounterFactCase, counterfact_case_metrics, counterfact_nlls, load_eval_data
+from hf_edit.evaluation.perplexity import perplexity, token_windows
+from hf_edit.methods.rome import rome_preset_for
 
 
 def _only(case: CounterFactCase, kind: str) -> CounterFactCase:
@@ -68,7 +60,7 @@ def _checkpoint(edited: EditedModel, cases: list[CounterFactCase], windows: list
 def run(key_mode: str, n: int, every: int, out: Path, threads: int | None, guard: bool) -> None:
     if threads:
         torch.set_num_threads(threads)
-    path = CF_FACTS if CF_FACTS.exists() else STORIES
+    path = fact_model_path()
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     config = replace(rome_preset_for(str(path)), key_mode=key_mode, mom2_dataset=str(WIKITEXT),

@@ -63,6 +63,10 @@ class LoraFactors:
     def rank(self) -> int:
         return int(self.A.shape[0])
 
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = B @ A in float32 (Linear orientation; a stack of parts gives the sum of their deltas)."""
+        return self.B.float() @ self.A.float()
+
     @staticmethod
     def concat(parts: list[LoraFactors]) -> LoraFactors:
         """Stack several factorisations of one module into one of summed rank."""

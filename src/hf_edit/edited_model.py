@@ -240,6 +240,11 @@ class EditedModel:
         return self._peft
 
     @property
+    def revision(self) -> str | None:
+        """The revision the base model was loaded at (``None`` for the default or a local model)."""
+        return self._revision
+
+    @property
     def config(self):
         return self.base_model.config
 
@@ -375,7 +380,7 @@ class EditedModel:
         threshold = min(out_features, in_features) if self.fold_rank == "auto" else self.fold_rank
         if stacked.rank <= threshold:
             return stacked
-        dense = _dense_factors(parts)
+        dense = _dense_factors(stacked)
         if (adapter, module) not in self._folded:
             logger.info("Folded %d edits of %s (adapter %s) into one dense delta of rank %d.", len(parts), module,
                         adapter, dense.rank)
@@ -385,12 +390,13 @@ class EditedModel:
     def representation(self) -> dict[str, dict[str, str]]:
         """How each adapter holds each edited module: ``"rank k"`` (k stacked edits) or ``"dense (k edits
         folded)"`` when their sum is stored as one full-rank delta (see ``fold_rank``)."""
-        out: dict[str, dict[str, str]] = {}
+        ranks: dict[tuple[str, str], int] = {}
         for e in self._edits:
-            folded = self._folded.get((e.adapter, e.module))
-            rank = sum(x.factors.rank for x in self._edits if x.adapter == e.adapter and x.module == e.module)
-            out.setdefault(e.adapter, {})[e.module] = (f"dense ({folded} edits folded)" if folded
-                                                       else f"rank {rank}")
+            ranks[(e.adapter, e.module)] = ranks.get((e.adapter, e.module), 0) + e.factors.rank
+        out: dict[str, dict[str, str]] = {}
+        for (adapter, module), rank in ranks.items():
+            folded = self._folded.get((adapter, module))
+            out.setdefault(adapter, {})[module] = f"dense ({folded} edits folded)" if folded else f"rank {rank}"
         return out
 
     def _warn_if_merge_quantises(self) -> None:
@@ -413,11 +419,10 @@ class EditedModel:
 
     def _dense_deltas(self) -> dict[str, torch.Tensor]:
         """ΔW (Linear orientation, float32, CPU) of every edited module, all edits summed."""
-        deltas: dict[str, torch.Tensor] = {}
+        parts: dict[str, list[LoraFactors]] = {}
         for e in self._edits:
-            delta = e.factors.B.float() @ e.factors.A.float()
-            deltas[e.module] = deltas[e.module] + delta if e.module in deltas else delta
-        return deltas
+            parts.setdefault(e.module, []).append(e.factors)
+        return {module: LoraFactors.concat(factors).delta_weight() for module, factors in parts.items()}
 
     # -- saving ----------------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -579,9 +584,9 @@ class EditedModel:
                                      revision=self._revision)
 
 
-def _dense_factors(parts: list[LoraFactors]) -> LoraFactors:
-    """The sum of rank-one parts as one full-rank factorisation: ΔW = I @ ΔW or ΔW @ I, whichever is thinner."""
-    delta = sum((p.B.float() @ p.A.float() for p in parts[1:]), parts[0].B.float() @ parts[0].A.float())
+def _dense_factors(stacked: LoraFactors) -> LoraFactors:
+    """Stacked factors as one full-rank factorisation of their ΔW: I @ ΔW or ΔW @ I, whichever is thinner."""
+    delta = stacked.delta_weight()
     out_features, in_features = delta.shape
     if out_features <= in_features:
         return LoraFactors(A=delta, B=torch.eye(out_features))

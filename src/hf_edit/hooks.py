@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["Captured", "StopForward", "capture", "add_at_positions", "as_batch_seq", "run_until", "only_positions",
-           "replay_outputs", "frozen_eval"]
+           "replay_outputs", "eval_mode", "frozen_eval"]
 
 
 class StopForward(Exception):
@@ -147,19 +147,29 @@ def replay_outputs(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration, restored afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block (dropout off); every submodule's training flag restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
     model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
     try:
         yield
     finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration, restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with eval_mode(model):
+            yield
+    finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def run_until(model: nn.Module, **inputs: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from .errors import (
     StatisticsError,
     StatisticsMismatchError,
 )
-from .hooks import capture, run_until
+from .hooks import capture, eval_mode, run_until
 
 if TYPE_CHECKING:
     import datasets
@@ -473,24 +473,26 @@ def text_dataset(source: Any) -> tuple[datasets.Dataset, str]:
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_file():
-        return _load_text_files([path]), _file_digest(path)
+        return _load_text_files([path]), file_sha256(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
         if not files:
             raise ConfigError(f"Folder {path} holds no {sorted(_TEXT_SUFFIXES)} files.")
-        return _load_text_files(files), _sha256(*(f"{p.name}:{_file_digest(p)}" for p in files))
-    if _looks_like_path(text):
+        return _load_text_files(files), _sha256(*(f"{p.name}:{file_sha256(p)}" for p in files))
+    if looks_like_local_path(text, _TEXT_SUFFIXES):
         raise ConfigError(f"Statistics data set path {text!r} does not exist.")
     return _load_hub_dataset(DATASET_ALIASES.get(text, text))
 
 
-def _looks_like_path(text: str) -> bool:
-    """A string meant as a local path rather than a Hub id ``owner/name[:config]``."""
+def looks_like_local_path(text: str, suffixes: Collection[str]) -> bool:
+    """A string meant as a local path rather than a Hub id ``owner/name[:config]``: it starts like a path, has
+    more than one ``/``, uses the OS separator, or ends in one of ``suffixes``."""
     return (text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
-            or Path(text).suffix.lower() in _TEXT_SUFFIXES)
+            or Path(text).suffix.lower() in suffixes)
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -640,7 +642,7 @@ def _accumulate(model: nn.Module, tokenizer: Any, target: EditTarget, ds: datase
     logger.info("Computing second-moment statistics of %s over %d texts (%s).", target.name, len(texts),
                 description["dtype"])
     context: AbstractContextManager = base_context() if base_context is not None else contextlib.nullcontext()
-    with context, _eval_mode(model), torch.no_grad():
+    with context, eval_mode(model), torch.no_grad():
         total, count = _sum_keys(model, tokenizer, target, texts, _accumulation_dtype(description["dtype"]),
                                  description["max_length"], int(batch_tokens or 3 * description["max_length"]),
                                  progress)

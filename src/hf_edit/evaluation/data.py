@@ -9,7 +9,6 @@ reference's original files (downloaded from the ROME project site, as the refere
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import DatasetFormatError, InvalidRequestError
 from ..requests import PLACEHOLDER, EditRequest
+from ..stats import file_sha256, looks_like_local_path
 
 if TYPE_CHECKING:
     import datasets
@@ -231,10 +231,10 @@ def _read(source: Any, *, split: str, revision: str | None
     text = DATA_ALIASES.get(os.fspath(source), os.fspath(source))
     path = Path(text).expanduser()
     if path.is_file():
-        return _load_json([str(path)], str(path)), str(path), f"sha256:{_file_sha256(path)}", [str(path)]
+        return _load_json([str(path)], str(path)), str(path), f"sha256:{file_sha256(path)}", [str(path)]
     if text.startswith(("http://", "https://")):
         return _load_json([text], text), text, f"url:{text}", [text]
-    if _looks_like_path(text):
+    if looks_like_local_path(text, (".json", ".jsonl")):
         raise DatasetFormatError(f"Evaluation data file {text!r} does not exist.")
     try:
         ds = datasets.load_dataset(text, split=split, revision=revision)
@@ -254,19 +254,6 @@ def _load_json(files: list[str], described: str, features: datasets.Features | N
                                  "Expected a JSON array of records or JSON lines.") from exc
 
 
-def _looks_like_path(text: str) -> bool:
-    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
-            or Path(text).suffix.lower() in (".json", ".jsonl"))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _detect_format(columns: Sequence[str], described: str) -> str:
     for data_format, keys in _FORMAT_KEYS.items():
         if all(k in columns for k in keys):
@@ -280,21 +267,16 @@ def _detect_format(columns: Sequence[str], described: str) -> str:
 def _with_features(ds: datasets.Dataset, data_format: str, described: str,
                    files: list[str] | None) -> datasets.Dataset:
     """The data with the format's explicit features: JSON files are read again with them (which repairs lists that
-    are empty everywhere and ids of mixed types); other data sets are cast (extra columns dropped, missing
-    optional ones added empty)."""
+    are empty everywhere; the reader fills missing optional keys itself); other data sets get missing optional
+    columns added empty, extra columns dropped, and are cast."""
     features = _features(data_format)
+    if files is not None:
+        return _load_json(files, described, features)
     for name, feature in features.items():
         if name not in ds.column_names:
-            if files is not None:  # the JSON reader fills missing optional keys with None itself
-                break
-            default = [] if hasattr(feature, "feature") else None
-            ds = ds.add_column(name, [default] * len(ds))
+            ds = ds.add_column(name, [[] if hasattr(feature, "feature") else None] * len(ds))
     try:
-        if files is not None:
-            return _load_json(files, described, features)
         return ds.select_columns(list(features)).cast(features)
-    except DatasetFormatError:
-        raise
     except Exception as exc:
         raise DatasetFormatError(f"{described} does not fit the {data_format} schema ({type(exc).__name__}: "
                                  f"{exc}).") from exc

@@ -31,8 +31,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..architecture import max_positions, unwrap_model
 from ..errors import ConfigError, DatasetFormatError
+from ..hooks import eval_mode
+from ..stats import file_sha256
 from ..tokens import pad_token_id
-from .scoring import eval_mode, input_device
+from .scoring import input_device
 
 __all__ = [
     "AttributeSnippets",
@@ -409,19 +411,11 @@ def _terms(text: str) -> list[str]:
     return _TERM.findall(text.lower())
 
 
-def _sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_file(path: PathLike, expected_sha256: str | None, what: str) -> None:
     if not os.path.isfile(path):
         raise DatasetFormatError(f"The {what} file {os.fspath(path)!r} does not exist.")
     if expected_sha256 is not None:
-        found = _sha256(path)
+        found = file_sha256(path)
         if found != expected_sha256.lower():
             raise DatasetFormatError(f"The {what} file {os.fspath(path)!r} has sha256 {found}, expected "
                                      f"{expected_sha256}; it is not the file it should be.")

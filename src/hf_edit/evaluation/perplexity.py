@@ -10,7 +10,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..architecture import max_positions
-from .scoring import eval_mode, input_device
+from ..hooks import eval_mode
+from .scoring import input_device
 
 __all__ = ["perplexity", "token_windows"]
 

@@ -260,8 +260,8 @@ def _edited_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, stats: 
 def _describe_model(edited: EditedModel) -> dict[str, Any]:
     base = unwrap_model(edited.model)
     name = str(getattr(base, "name_or_path", "") or "")
-    return {"name_or_path": name, "revision": edited._revision, "model_type": base.config.model_type,
-            "fingerprint": model_fingerprint(base, edited._revision), "dtype": str(next(base.parameters()).dtype)}
+    return {"name_or_path": name, "revision": edited.revision, "model_type": base.config.model_type,
+            "fingerprint": model_fingerprint(base, edited.revision), "dtype": str(next(base.parameters()).dtype)}
 
 
 def _environment(edited: EditedModel) -> dict[str, Any]:

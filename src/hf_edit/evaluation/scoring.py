@@ -11,20 +11,20 @@ whatever the model's dtype.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..architecture import max_positions, unwrap_model
-from ..hooks import only_positions
+from ..hooks import eval_mode, only_positions
 from ..tokens import pad_batch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContinuationScore", "score_continuations", "eval_mode", "input_device"]
+__all__ = ["ContinuationScore", "score_continuations", "input_device"]
 
 #: Called with the indices (into ``rows``) of the rows of a batch; returns a context entered around its forward.
 BatchContext = Callable[[list[int]], AbstractContextManager]
@@ -46,17 +46,6 @@ class ContinuationScore:
     def mean_nll(self) -> float:
         """The mean per-token negative log-likelihood of the target (the reference's ``*_probs`` value)."""
         return float(-self.target_logprobs.mean()) if len(self.target_logprobs) else float("nan")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (dropout off), restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def input_device(model: nn.Module) -> torch.device:

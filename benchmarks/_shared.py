@@ -1,0 +1,34 @@
+"""What the benchmark scripts share: offline mode, the paths of ``../shared/data``, the model they measure and
+the median timer.  Import it before transformers/datasets (it sets their offline switches unless already set)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CF_FACTS = SHARED / "models" / "cf-facts-gpt2"
+STORIES = SHARED / "models" / "stories260K"
+COUNTERFACT = SHARED / "counterfact" / "counterfact-subset.json"
+WIKITEXT = SHARED / "corpus" / "wikitext-2-raw"
+
+
+def fact_model_path() -> Path:
+    """The CounterFact fact model, or stories260K where it is absent."""
+    return CF_FACTS if CF_FACTS.exists() else STORIES
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    """Median wall time of ``runs`` calls of ``fn``."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
