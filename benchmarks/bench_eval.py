@@ -24,8 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_edit import EditedModel
 from hf_edit.evaluation import counterfact_nlls, evaluate_model, load_eval_data
-from hf_edit.methods.ft import ft_preset_for
-from hf_edit.methods.rome import rome_preset_for
+from hf_edit.methods import FTConfig, FTLConfig, ROMEConfig
 
 
 def _load(path: Path) -> EditedModel:
@@ -34,9 +33,9 @@ def _load(path: Path) -> EditedModel:
 
 
 def _methods(model_id: str) -> dict[str, object]:
-    rome = rome_preset_for(model_id)
+    rome = ROMEConfig.preset(model_id)
     return {"none": "none", "ROME": replace(rome, mom2_dataset=str(WIKITEXT), mom2_n_samples=100_000),
-            "FT": ft_preset_for(model_id, constrained=False), "FT+L": ft_preset_for(model_id, constrained=True)}
+            "FT": FTConfig.preset(model_id), "FT+L": FTLConfig.preset(model_id)}
 
 
 def table(n: int, out: Path) -> None:
@@ -75,7 +74,7 @@ def throughput(runs: int, n_score: int, n_edit: int) -> None:
     alone = median_seconds(lambda: [counterfact_nlls(edited.model, tok, [c], batch_size=64) for c in data.cases],
                             runs)
     rows.append(["scoring, unedited", n_score, n_score / alone, n_score / together])
-    ft = ft_preset_for(str(path), constrained=False)
+    ft = FTConfig.preset(str(path))
     small = load_eval_data(COUNTERFACT, n=n_edit)
     for label, per_batch in (("one case at a time", 1), ("16 cases per scoring batch", 16)):
         result = [None]

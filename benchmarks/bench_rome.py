@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from hf_edit import EditedModel, EditRequest, ROMEConfig
 from hf_edit.architecture import base_layer
 from hf_edit.hooks import add_at_positions, capture
+from hf_edit.methods import EditContext
 from hf_edit.methods.rome import ROMEEditor
 from hf_edit.stats import compute_second_moment
 from hf_edit.tokens import pad_batch, pad_token_id, target_ids
@@ -162,7 +163,7 @@ def bench_edit(name: str, runs: int, device: str, stats_samples: int) -> dict:
     model, tokenizer = load(name, device)
     request = REQUESTS[name]
     config = ROMEConfig(mom2_dataset=str(WIKITEXT), mom2_n_samples=stats_samples, mom2_max_length=128)
-    probe = ROMEEditor(model, tokenizer, config.resolved_for(model), progress=False)
+    probe = ROMEEditor(config, EditContext(model, tokenizer))
     target = probe.targets()[0]
     stats = probe.stats_for(target)  # computed (or read from the cache) once, outside the timings
     rows = {"hf_edit": [], "reference-style": [], "memory": [], "split": [], "passes": None, "ref_passes": None}
@@ -178,7 +179,7 @@ def bench_edit(name: str, runs: int, device: str, stats_samples: int) -> dict:
         rows["split"].append(edit.info["timings"])
         rows["passes"] = dict(passes)
         edited.remove_edit(0)
-        editor = ROMEEditor(model, tokenizer, config.resolved_for(model), stats=stats, progress=False)
+        editor = ROMEEditor(config, EditContext.for_model(model, tokenizer, stats=stats))
         with count_passes(model) as ref_passes:
             start = time.perf_counter()
             reference_style_edit(editor, request, target)
@@ -209,7 +210,7 @@ def bench_dense(name: str, runs: int, device: str, method: str) -> dict:
 
 def bench_stats(name: str, runs: int, device: str, n_texts: int) -> list[float]:
     model, tokenizer = load(name, device)
-    target = ROMEEditor(model, tokenizer, ROMEConfig().resolved_for(model)).targets()[0]
+    target = ROMEEditor(ROMEConfig(), EditContext(model, tokenizer)).targets()[0]
     speeds = []
     for _ in range(runs):
         start = time.perf_counter()

@@ -33,12 +33,11 @@ import torch
 from _shared import COUNTERFACT, WIKITEXT, fact_model_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_edit import EditedModel
+from hf_edit import EditedModel, ROMEConfig
 from hf_edit.architecture import max_positions
 from hf_edit.errors import HfEditError
 from hf_edit.evaluation import CounterFactCase, counterfact_case_metrics, counterfact_nlls, load_eval_data
 from hf_edit.evaluation.perplexity import perplexity, token_windows
-from hf_edit.methods.rome import rome_preset_for
 
 
 def _only(case: CounterFactCase, kind: str) -> CounterFactCase:
@@ -63,7 +62,7 @@ def run(key_mode: str, n: int, every: int, out: Path, threads: int | None, guard
     path = fact_model_path()
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    config = replace(rome_preset_for(str(path)), key_mode=key_mode, mom2_dataset=str(WIKITEXT),
+    config = replace(ROMEConfig.preset(str(path)), key_mode=key_mode, mom2_dataset=str(WIKITEXT),
                      mom2_n_samples=100_000, guard=guard)
     edited = EditedModel(model, tok, method=config, progress=False)
     cases = list(load_eval_data(COUNTERFACT, n=n).cases)

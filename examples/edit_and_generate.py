@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from hf_edit import EditedModel, EditRequest, ROMEConfig
-from hf_edit.methods.rome import rome_preset_for
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -69,7 +68,7 @@ def main() -> None:
     request = EditRequest(prompt=args.prompt or fact[0], subject=args.subject or fact[1],
                           target_new=args.target or fact[2])
     wikitext = SHARED / "corpus" / "wikitext-2-raw" / "wiki.valid.raw"
-    preset = rome_preset_for(model_id)
+    preset = ROMEConfig.preset(model_id)
     config = ROMEConfig(**{**preset.__dict__, "key_mode": args.key_mode,
                            "mom2_dataset": str(wikitext) if wikitext.exists() else args.stats_data,
                            "mom2_n_samples": args.stats_samples})

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from hf_edit import ROMEConfig
 from hf_edit.architecture import KNOWN_LAYOUTS, _structural_layout, find_layout, resolve_target, unwrap_model
 from hf_edit.errors import ConfigError, LayerOutOfRangeError, UnsupportedArchitectureError
+from hf_edit.methods import EditContext
 from hf_edit.methods.rome import ROMEEditor
 
 #: Model types that are in the layout table and can be built as tiny models.
@@ -105,7 +106,7 @@ def test_explicit_module_template_bypasses_discovery():
 
 @pytest.mark.parametrize("template", ["transformer.h.{}.mlp", "transformer.h.{}.mlp.act", "transformer.h.{}.ln_2"])
 def test_explicit_template_to_a_non_linear_module_is_a_config_error(template, gpt2_tokenizer):
-    editor = ROMEEditor(tiny_model("gpt2"), gpt2_tokenizer, ROMEConfig(layers=1, rewrite_module_tmp=template))
+    editor = ROMEEditor(ROMEConfig(layers=1, rewrite_module_tmp=template), EditContext(tiny_model("gpt2"), gpt2_tokenizer))
     with pytest.raises(ConfigError, match="nn.Linear"):
         editor.targets()
 
@@ -117,7 +118,7 @@ def test_fused_experts_are_not_an_editable_module():
 
 @pytest.mark.parametrize("template", ["transformer.h.{}.mlp.down_proj", "transformer.blocks.{}.mlp.c_proj"])
 def test_missing_module_is_a_config_error(template, gpt2_tokenizer):
-    editor = ROMEEditor(tiny_model("gpt2"), gpt2_tokenizer, ROMEConfig(layers=1, rewrite_module_tmp=template))
+    editor = ROMEEditor(ROMEConfig(layers=1, rewrite_module_tmp=template), EditContext(tiny_model("gpt2"), gpt2_tokenizer))
     with pytest.raises(ConfigError, match="no module named"):
         editor.targets()
 

@@ -160,7 +160,7 @@ BAD_CALLS = {
         {"prompt": "Messi plays the sport of", "subject": "Lionel Messi", "target_new": "tennis"})),
     "good then malformed in one call": (InvalidRequestError, lambda e, c: e.edit(
         [SECOND, _dict(prompt="{} and {} play")])),
-    "unknown method": (UnknownMethodError, lambda e, c: e.edit(SECOND, method="memit")),
+    "unknown method": (UnknownMethodError, lambda e, c: e.edit(SECOND, method="no-such-method")),
     "unknown hyperparameter": (ConfigError, lambda e, c: e.edit(
         SECOND, method={**c.to_dict(), "learning_rate": 0.1})),
     "NaN learning rate": (ConfigError, lambda e, c: e.edit(SECOND, method={**c.to_dict(), "v_lr": float("nan")})),
@@ -226,13 +226,14 @@ def test_corrupted_statistics_cache_file(edited, gpt2_tokenizer, cache_dir, wiki
     data[len(data) // 2] ^= 0xFF  # one byte of the second-moment sum
     path.write_bytes(bytes(data))
 
-    # An editor with other settings (same statistics) reads the file again ...
-    fails_atomically(edited, gpt2_tokenizer, cache_dir, StatisticsCacheError,
-                     lambda: edited.edit(SECOND, method=small_config(wikitext_path, v_num_grad_steps=2)),
-                     match="Delete it")
-    # ... and so does a new EditedModel of the same base model.
+    # A new EditedModel of the same base model reads the file again and refuses it ...
     fresh = EditedModel(base_model(), gpt2_tokenizer, method=small_config(wikitext_path), progress=False)
-    fails_atomically(fresh, gpt2_tokenizer, cache_dir, StatisticsCacheError, lambda: fresh.edit(FIRST))
+    fails_atomically(fresh, gpt2_tokenizer, cache_dir, StatisticsCacheError, lambda: fresh.edit(FIRST),
+                     match="Delete it")
+    # ... while the model that verified the statistics when it first read them shares them with every method and
+    # config (the statistics provider), so it neither re-reads nor touches the file.
+    edited.edit(SECOND, method=small_config(wikitext_path, v_num_grad_steps=2))
+    assert len(edited.edits) == 2
     assert fresh.edits == () and fresh.peft_model is None
     assert path.read_bytes() == bytes(data)
 

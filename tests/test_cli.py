@@ -164,6 +164,7 @@ def hf_edit_with_hub(hub, state: Path, *args: str, cache: Path, check: bool = Tr
     return result
 
 
+@pytest.mark.slow
 def test_edit_push_show_and_stats_push_pull_through_the_hub(fake_hub, base, wikitext_path, tmp_path):  # noqa: F811
     hf_edit_with_hub(fake_hub, tmp_path / "hub.json", "edit", "--model", str(base), *EIFFEL, "--stats-data",
                      str(wikitext_path), "--stats-samples", "300", *SMALL, "--push-to-hub", "user/cli-edit",

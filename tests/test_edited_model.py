@@ -11,7 +11,7 @@ from helpers import logits_without_hf_edit
 from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, ROMEConfig
-from hf_edit.edited_model import MANIFEST_NAME
+from hf_edit.manifest import MANIFEST_NAME
 from hf_edit.errors import EditFolderError, HfEditError
 
 REQUESTS = [
@@ -175,6 +175,7 @@ def test_save_and_load_round_trip_is_exact(tmp_path, gpt2_tokenizer, config):
     assert torch.equal(_logits(loaded, gpt2_tokenizer), _logits(edited, gpt2_tokenizer))
 
 
+@pytest.mark.slow
 def test_plain_peft_and_transformers_load_the_edit_in_a_fresh_process(tmp_path, gpt2_tokenizer, config):
     base_dir, edit_dir, edited = _saved_base_and_edit(tmp_path, gpt2_tokenizer, config)
     ids = gpt2_tokenizer(PROBE, return_tensors="pt")["input_ids"]

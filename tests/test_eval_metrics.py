@@ -14,8 +14,21 @@ evaluate = pytest.importorskip("evaluate")
 
 
 def test_every_shipped_module_is_a_file_in_the_package():
+    import tomllib
+    from pathlib import Path
+
+    package = Path(hf_edit.metrics.__file__).parent
     for name in hf_edit.metrics.METRICS:
-        assert hf_edit.metrics.path(name).endswith(f"{name}/{name}.py")
+        file = Path(hf_edit.metrics.path(name))
+        assert file.is_file() and file.parent.parent == package, file
+        assert "evaluate.Metric" in file.read_text()
+    # the packaging ships every folder of Python files under src/hf_edit (a folder missing from the list would be
+    # absent from the wheel)
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    source = root / "src"
+    folders = {p.parent for p in (source / "hf_edit").rglob("*.py") if "__pycache__" not in p.parts}
+    assert {".".join(f.relative_to(source).parts) for f in folders} <= listed
     with pytest.raises(ValueError, match="Unknown hf_edit metric"):
         hf_edit.metrics.path("accuracy")
 

@@ -18,9 +18,10 @@ from hf_edit.methods.ft import (
     FTConfig,
     FTEditor,
     autoregressive_loss,
-    ft_preset_for,
+    FTLConfig,
     prompt_last_loss,
 )
+from hf_edit.methods import EditContext
 from hf_edit.tokens import target_ids
 
 PARIS = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome")
@@ -40,8 +41,12 @@ def gpt2(gpt2_tokenizer):
     return tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
 
 
+def _editor(model, tokenizer, config: FTConfig) -> FTEditor:
+    return FTEditor(config, EditContext(model, tokenizer))
+
+
 def _compute(model, tokenizer, requests, **config) -> list[DenseUpdate]:
-    return FTEditor(model, tokenizer, FTConfig(**config)).compute(requests)
+    return _editor(model, tokenizer, FTConfig(**config)).compute_dense(requests)
 
 
 @torch.no_grad()
@@ -295,8 +300,8 @@ def test_peft_wrapped_target_trains_the_base_layer(gpt2, gpt2_tokenizer):
         with peft_model.disable_adapter():
             without = prompt_last_loss(peft_model, gpt2_tokenizer, [PARIS]).item()
     assert abs(with_lora - without) > 1e-4
-    editor = FTEditor(peft_model, gpt2_tokenizer, FTConfig(layers=1, lr=1e-3, num_steps=2))
-    (update,) = editor.compute([PARIS])
+    editor = _editor(peft_model, gpt2_tokenizer, FTConfig(layers=1, lr=1e-3, num_steps=2))
+    (update,) = editor.compute_dense([PARIS])
     assert update.target.name == "transformer.h.1.mlp.c_proj" and update.target.is_conv1d
     assert update.delta_weight.shape == (64, 128) and update.delta_weight.abs().max() > 0
     assert update.info["epoch_losses"][0] == pytest.approx(with_lora, rel=1e-6)  # with the LoRA active
@@ -306,17 +311,18 @@ def test_peft_wrapped_target_trains_the_base_layer(gpt2, gpt2_tokenizer):
 # -- 7. configuration ----------------------------------------------------------------------------------------
 
 def test_presets():
-    assert ft_preset_for("gpt2-xl", constrained=False) == FTConfig(layers=(1,))
-    assert ft_preset_for("openai-community/gpt2-xl", constrained=True) == \
-        FTConfig(layers=(0,), norm_constraint=5e-4)
-    assert ft_preset_for("gpt2-medium", constrained=True).norm_constraint == 2e-3
-    assert ft_preset_for("gpt2-large", constrained=True).norm_constraint == 1e-3
-    assert ft_preset_for("gpt2-large", constrained=False).layers == (1,)
-    assert ft_preset_for("EleutherAI/gpt-j-6B", constrained=False) == FTConfig(layers=(21,))
-    assert ft_preset_for("EleutherAI/gpt-j-6b", constrained=True) == \
-        FTConfig(layers=(0,), norm_constraint=5e-5)
-    assert ft_preset_for("some/model", constrained=True) == FTConfig(layers=(0,), norm_constraint=5e-4)
-    assert ft_preset_for(None, constrained=False) == FTConfig()
+    assert FTConfig.preset("gpt2-xl") == FTConfig(layers=(1,))
+    assert FTLConfig.preset("openai-community/gpt2-xl") == FTLConfig(layers=(0,), norm_constraint=5e-4)
+    assert FTLConfig.preset("gpt2-medium").norm_constraint == 2e-3
+    assert FTLConfig.preset("gpt2-large").norm_constraint == 1e-3
+    assert FTConfig.preset("gpt2-large").layers == (1,)
+    assert FTConfig.preset("EleutherAI/gpt-j-6B") == FTConfig(layers=(21,))
+    assert FTConfig.preset("foo/gpt-j-6B") == FTConfig(layers=(21,))  # one preset rule for every method
+    assert FTLConfig.preset("EleutherAI/gpt-j-6b") == FTLConfig(layers=(0,), norm_constraint=5e-5)
+    assert FTLConfig.preset("some/model") == FTLConfig(norm_constraint=5e-4)
+    assert FTLConfig.preset("some/model").resolved_for(tiny_model("gpt2")).layers == (0,)
+    assert FTConfig.preset(None) == FTConfig()
+    assert FTConfig(norm_constraint=5e-4).name == "ft+l" and FTConfig().name == "ft"
     for preset in (*FT_PRESETS.values(), *FTL_PRESETS.values()):
         config = FTConfig(**preset)
         assert (config.lr, config.num_steps, config.weight_decay, config.batch_size) == (5e-4, 25, 0.0, 128)
@@ -335,7 +341,7 @@ def test_reference_json(gpt2, gpt2_tokenizer, tmp_path, caplog):
     config = FTConfig.from_dict(REFERENCE_JSON)
     assert config.layers == (0,) and config.norm_constraint == 5e-4 and config.batch_size == 128
     assert config.rewrite_module_tmp == "transformer.h.{}.mlp.c_proj" and config.loss == "prompt_last"
-    assert FTEditor(gpt2, gpt2_tokenizer, config).targets()[0].name == "transformer.h.0.mlp.c_proj"
+    assert _editor(gpt2, gpt2_tokenizer, config).targets()[0].name == "transformer.h.0.mlp.c_proj"
     path = tmp_path / "ft.json"
     path.write_text(__import__("json").dumps(config.to_dict()))
     assert FTConfig.from_json(path) == config
@@ -364,22 +370,22 @@ def test_invalid_config(bad):
 
 def test_target_modules(gpt2, gpt2_tokenizer):
     with pytest.raises(ConfigError, match="LayerNorm"):
-        FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=0, rewrite_module_tmp="transformer.h.{}.ln_2")
+        _editor(gpt2, gpt2_tokenizer, FTConfig(layers=0, rewrite_module_tmp="transformer.h.{}.ln_2")
                  ).targets()
     with pytest.raises(LayerOutOfRangeError):
-        FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=5)).targets()
+        _editor(gpt2, gpt2_tokenizer, FTConfig(layers=5)).targets()
     (attn,) = _compute(gpt2, gpt2_tokenizer, [PARIS], layers=2, num_steps=1,
                        rewrite_module_tmp="transformer.h.{}.attn.c_attn")
     assert attn.target.name == "transformer.h.2.attn.c_attn" and attn.delta_weight.shape == (192, 64)
     assert attn.delta_bias.shape == (192,)
-    assert [t.name for t in FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=(2, -1))).targets()] == \
+    assert [t.name for t in _editor(gpt2, gpt2_tokenizer, FTConfig(layers=(2, -1))).targets()] == \
         ["transformer.h.2.mlp.c_proj"]
 
 
 def test_bad_requests_fail_fast(gpt2, gpt2_tokenizer):
-    editor = FTEditor(gpt2, gpt2_tokenizer, FTConfig(layers=0))
+    editor = _editor(gpt2, gpt2_tokenizer, FTConfig(layers=0))
     with pytest.raises(InvalidRequestError):
-        editor.compute([])
+        editor.compute_dense([])
 
 
 # -- 8. storage as a full-rank LoRA --------------------------------------------------------------------------

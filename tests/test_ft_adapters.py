@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, ROMEConfig
-from hf_edit.edited_model import MANIFEST_NAME
+from hf_edit.manifest import MANIFEST_NAME
 from hf_edit.errors import ConfigError, LayerOutOfRangeError
 from hf_edit.methods.ft import FTConfig
 
@@ -100,6 +100,7 @@ def test_ft_merge_is_bitwise_and_bias_is_merged(gpt2_tokenizer):
     assert torch.equal(layer.bias, base.bias + edit.factors.bias)
 
 
+@pytest.mark.slow
 def test_rome_and_ft_coexist_as_named_adapters_in_order(tmp_path, gpt2_tokenizer, rome):
     base_dir = tmp_path / "base"
     original = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
@@ -133,6 +134,7 @@ def test_rome_and_ft_coexist_as_named_adapters_in_order(tmp_path, gpt2_tokenizer
                                _logits(_with_deltas(original, loaded.edits), gpt2_tokenizer), rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_dense_edit_loads_with_plain_peft_and_transformers(tmp_path, gpt2_tokenizer):
     base_dir, edit_dir = tmp_path / "base", tmp_path / "edit"
     tiny_model("gpt2", vocab_size=len(gpt2_tokenizer)).save_pretrained(base_dir)

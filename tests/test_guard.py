@@ -114,6 +114,7 @@ def test_bad_guard_settings():
     assert _config(guard_prompts=(), guard_max_kl=None).guard_prompts == ()
 
 
+@pytest.mark.slow
 def test_fifty_sequential_edits_keep_every_factor_finite(gpt2_tokenizer, counterfact_path, wikitext_path):
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), seed=5)
     config = _config(mom2_dataset=str(wikitext_path), mom2_n_samples=300, mom2_max_length=64, v_num_grad_steps=3,
@@ -130,6 +131,7 @@ def test_fifty_sequential_edits_keep_every_factor_finite(gpt2_tokenizer, counter
     assert torch.isfinite(_logits(edited, gpt2_tokenizer)).all()
 
 
+@pytest.mark.slow
 def test_many_edits_fold_into_a_dense_delta_and_save_exactly(tmp_path, gpt2_tokenizer, model):
     from peft import PeftModel
 

@@ -26,9 +26,9 @@ from hf_edit.hub import (
     pull_stats,
     push_edit_folder,
     push_stats,
-    render_card,
     stats_path_in_repo,
 )
+from hf_edit.cards import render_card
 from hf_edit.methods.ft import FTConfig
 from hf_edit.stats import compute_second_moment
 
@@ -132,6 +132,7 @@ def test_save_pretrained_writes_the_card_and_local_bases_stay_out_of_metadata(sa
 # --------------------------------------------------------------------------------------------------------------
 # Pushing and loading edits
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_push_then_load_in_a_fresh_process(tmp_path, fake_hub, saved, hub_base, gpt2_tokenizer):  # noqa: F811
     from huggingface_hub import ModelCard
 
@@ -274,6 +275,7 @@ def _assert_merged_card(readme: bytes, tmp_path: Path, tokenizer_repo: str) -> N
     assert f'AutoTokenizer.from_pretrained("{tokenizer_repo}")' in card.text
 
 
+@pytest.mark.slow
 def test_merged_checkpoints_carry_the_edited_card(tmp_path, fake_hub, hub_base, gpt2_tokenizer,  # noqa: F811
                                                   wikitext_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

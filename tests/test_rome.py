@@ -9,7 +9,8 @@ from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, ROMEConfig
 from hf_edit.architecture import resolve_target
-from hf_edit.methods.rome import ROMEEditor, rome_preset_for
+from hf_edit.methods import EditContext
+from hf_edit.methods.rome import ROMEEditor
 from hf_edit.stats import load_or_compute_stats
 from hf_edit.tokens import target_ids
 
@@ -24,7 +25,7 @@ def stats_config(wikitext_path):
 
 
 def _editor(model, tokenizer, **config) -> tuple[ROMEEditor, object]:
-    editor = ROMEEditor(model, tokenizer, ROMEConfig(**config), progress=False)
+    editor = ROMEEditor(ROMEConfig(**config), EditContext(model, tokenizer))
     return editor, editor.targets()[0]
 
 
@@ -33,10 +34,10 @@ def _editor(model, tokenizer, **config) -> tuple[ROMEEditor, object]:
 def test_update_maps_the_key_to_v_star(model_type, key_mode, gpt2_tokenizer, stats_config):
     model = tiny_model(model_type, vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=1, key_mode=key_mode, **stats_config)
-    update = editor.compute(REQUEST, target)
+    update = editor.compute_update(REQUEST, target)
     module = model.get_submodule(target.name)
     before = weight_times(module, update.key)
-    edited = before + torch.outer(update.v, update.u).double() @ update.key.double()
+    edited = before + torch.outer(update.rv, update.u).double() @ update.key.double()
     torch.testing.assert_close(edited.float(), update.value, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before.float(), update.value, atol=1e-3)
 
@@ -46,7 +47,7 @@ def test_closed_form_equals_independent_recomputation(key_mode, gpt2_tokenizer, 
     """u, rv from single-sequence keys located by the reference's arithmetic and a float64 solve."""
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=1, key_mode=key_mode, **stats_config)
-    update = editor.compute(REQUEST, target)
+    update = editor.compute_update(REQUEST, target)
     module = model.get_submodule(target.name)
     io = [reference_key(model, gpt2_tokenizer, module, t, REQUEST.prompt, REQUEST.subject) for t in TEMPLATES]
     keys = torch.stack([k for k, _ in io]).double()
@@ -56,7 +57,7 @@ def test_closed_form_equals_independent_recomputation(key_mode, gpt2_tokenizer, 
     key = keys[0] if key_mode == "original" else keys.mean(0)
     rv = (update.value.double() - weight_times(module, key)) / (key @ u)
     torch.testing.assert_close(update.u.double(), u, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(update.v.double(), rv, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(update.rv.double(), rv, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(update.key.double(), key, rtol=1e-5, atol=1e-6)
 
 
@@ -89,7 +90,7 @@ def test_first_adam_step_follows_the_independent_nll_gradient(gpt2_tokenizer, st
         p.requires_grad_(False)
     editor, target = _editor(model, gpt2_tokenizer, layers=1, v_num_grad_steps=2, early_stop_loss=0.0,
                              clamp_norm_factor=1e6, guard=False, **stats_config)
-    update = editor.compute(REQUEST, target)
+    update = editor.compute_update(REQUEST, target)
     module = model.get_submodule(target.name)
     contexts = [t.replace("{}", REQUEST.filled_prompt) for t in TEMPLATES]
     from hf_edit.tokens import reference_subject_last
@@ -109,7 +110,7 @@ def test_first_adam_step_follows_the_independent_nll_gradient(gpt2_tokenizer, st
 def test_single_step_loss_is_the_independent_nll(gpt2_tokenizer, stats_config):
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=1, v_num_grad_steps=1, **stats_config)
-    update = editor.compute(REQUEST, target)
+    update = editor.compute_update(REQUEST, target)
     module = model.get_submodule(target.name)
     contexts = [t.replace("{}", REQUEST.filled_prompt) for t in TEMPLATES]
     from hf_edit.tokens import reference_subject_last
@@ -128,7 +129,7 @@ def test_clamp_bounds_delta_norm(gpt2_tokenizer, stats_config):
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=1, clamp_norm_factor=0.1, v_weight_decay=0.0,
                              **stats_config)
-    update = editor.compute(REQUEST, target)
+    update = editor.compute_update(REQUEST, target)
     assert update.info["clamped"]
     assert update.info["norm_delta"] <= 0.1 * update.info["norm_v_init"] * (1 + 1e-5)
 
@@ -136,7 +137,7 @@ def test_clamp_bounds_delta_norm(gpt2_tokenizer, stats_config):
 def test_early_stop_on_easy_target(gpt2_tokenizer, stats_config):
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=1, early_stop_loss=100.0, **stats_config)
-    update = editor.compute(REQUEST, target)
+    update = editor.compute_update(REQUEST, target)
     assert update.info["v_steps"] == 1
     torch.testing.assert_close(update.value, module_io_at(
         model, model.get_submodule(target.name), gpt2_tokenizer(REQUEST.filled_prompt)["input_ids"],
@@ -161,6 +162,7 @@ def test_target_becomes_top_prediction(model_type, gpt2_tokenizer, wikitext_path
     assert edited(**inputs).logits[0, -1].argmax().item() == target
 
 
+@pytest.mark.slow
 def test_stories260k_learns_a_new_fact(stories_path, wikitext_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,12 +183,12 @@ def test_stories260k_learns_a_new_fact(stories_path, wikitext_path):
 
 
 def test_presets_by_model_id():
-    assert rome_preset_for("gpt2-xl").layers == (17,)
-    assert rome_preset_for("openai-community/gpt2-xl").layers == (17,)
-    assert rome_preset_for("gpt2-medium").clamp_norm_factor == 3.0
-    assert rome_preset_for("EleutherAI/gpt-j-6B").layers == (5,)
-    assert rome_preset_for("EleutherAI/gpt-neox-20b").layers == (15,)
-    assert rome_preset_for("my/model").layers is None
+    assert ROMEConfig.preset("gpt2-xl").layers == (17,)
+    assert ROMEConfig.preset("openai-community/gpt2-xl").layers == (17,)
+    assert ROMEConfig.preset("gpt2-medium").clamp_norm_factor == 3.0
+    assert ROMEConfig.preset("EleutherAI/gpt-j-6B").layers == (5,)
+    assert ROMEConfig.preset("EleutherAI/gpt-neox-20b").layers == (15,)
+    assert ROMEConfig.preset("my/model").layers is None
     assert ROMEConfig().resolved_for(tiny_model("gpt2", n_layer=6)).layers == (2,)
 
 
@@ -213,22 +215,24 @@ def test_explicit_module_template(gpt2_tokenizer):
     assert target.name == "transformer.h.2.mlp.c_proj" and target.is_conv1d
 
 
+@pytest.mark.slow
 def test_float32_statistics_reproduce_float64_update(gpt2_tokenizer, stats_config):
     """The reference's float32 parity mode gives the same edit as the float64 default, to float32 accuracy."""
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     e64, target = _editor(model, gpt2_tokenizer, layers=1, **stats_config)
     e32, _ = _editor(model, gpt2_tokenizer, layers=1, mom2_dtype="float32", **stats_config)
-    u64, u32 = e64.compute(REQUEST, target), e32.compute(REQUEST, target)
+    u64, u32 = e64.compute_update(REQUEST, target), e32.compute_update(REQUEST, target)
     assert torch.nn.functional.cosine_similarity(u64.u, u32.u, dim=0) > 1 - 1e-4
     stats = load_or_compute_stats(model, gpt2_tokenizer, target, dataset=stats_config["mom2_dataset"],
                                   n_samples=300, dtype="float64", max_length=64, progress=False)
     assert stats.fingerprint() == e64.stats_for(target).fingerprint()
 
 
+@pytest.mark.slow
 def test_layers_below_the_edit_run_once_without_changing_v_star(gpt2_tokenizer, stats_config, monkeypatch):
     import contextlib
 
-    import hf_edit.methods.rome as rome_module
+    import hf_edit.methods.rome.editor as rome_module
 
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=2, v_num_grad_steps=6, early_stop_loss=0.0,
@@ -237,14 +241,15 @@ def test_layers_below_the_edit_run_once_without_changing_v_star(gpt2_tokenizer, 
     calls = {"below": 0, "edited": 0}  # counted on the MLPs, which a replayed layer does not call
     model.transformer.h[1].mlp.register_forward_hook(lambda *_: calls.__setitem__("below", calls["below"] + 1))
     model.transformer.h[2].mlp.register_forward_hook(lambda *_: calls.__setitem__("edited", calls["edited"] + 1))
-    replayed = editor.compute(REQUEST, target)
+    replayed = editor.compute_update(REQUEST, target)
     assert calls["below"] == 2 and calls["edited"] == 1 + 6  # key pass + first v* step; key pass + every step
     assert "forward" not in model.transformer.h[1].__dict__  # the replay is undone
     monkeypatch.setattr(rome_module, "replay_outputs", lambda layers: contextlib.nullcontext())
-    recomputed = editor.compute(REQUEST, target)
+    recomputed = editor.compute_update(REQUEST, target)
     torch.testing.assert_close(replayed.value, recomputed.value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_is_edited_with_float32_factors(dtype, gpt2_tokenizer, wikitext_path):
     model = tiny_model("llama", vocab_size=len(gpt2_tokenizer), initializer_range=0.1).to(dtype)

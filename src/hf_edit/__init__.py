@@ -1,4 +1,4 @@
-"""hf_edit: knowledge editing (ROME, FT, FT+L) for any Hugging Face causal LM, each edit a PEFT adapter.
+"""hf_edit: knowledge editing for any Hugging Face causal LM, each edit a PEFT adapter.
 
 Quick start::
 
@@ -10,10 +10,25 @@ Quick start::
 """
 
 from .architecture import EditTarget, ModelLayout, find_layout, resolve_target
+from .attribution import integrated_gradients
 from .edited_model import Edit, EditedModel
 from .errors import HfEditError
-from .methods.ft import FTConfig
-from .methods.rome import ROMEConfig
+from .methods import (
+    AlphaEditConfig,
+    EditConfig,
+    Editor,
+    EMMETConfig,
+    FTConfig,
+    FTLConfig,
+    KEConfig,
+    KNConfig,
+    MEMITConfig,
+    MENDConfig,
+    ROMEConfig,
+    Update,
+    available_methods,
+    register_method,
+)
 from .requests import EditRequest
 from .stats import SecondMomentStats
 from .version import __version__
@@ -24,6 +39,19 @@ __all__ = [
     "EditRequest",
     "ROMEConfig",
     "FTConfig",
+    "FTLConfig",
+    "KNConfig",
+    "integrated_gradients",
+    "MEMITConfig",
+    "EMMETConfig",
+    "AlphaEditConfig",
+    "MENDConfig",
+    "KEConfig",
+    "EditConfig",
+    "Editor",
+    "Update",
+    "register_method",
+    "available_methods",
     "SecondMomentStats",
     "EditTarget",
     "ModelLayout",

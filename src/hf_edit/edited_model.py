@@ -12,9 +12,9 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,82 +25,69 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from .adapters import ADAPTER_NAME, LoraFactors, attach_adapters, quiet_peft, read_adapter_factors
 from .architecture import base_layer, resolve_target, unwrap_model
-from .errors import ConfigError, EditFolderError, HfEditError, UnknownMethodError
-from .methods.ft import FTConfig, FTEditor, ft_preset_for
-from .methods.rome import ROMEConfig, ROMEEditor, rome_preset_for
-from .requests import EditRequest, as_request, as_requests
+from .cards import render_card
+from .edit import Edit
+from .checks import Verification, VerificationRow, check_requests
+from .errors import (
+    ConfigError,
+    EditDidNotTakeWarning,
+    EditFolderError,
+    HfEditError,
+    ModelNotFoundError,
+    UnknownMethodError,
+)
+from .files import looks_like_local_path
+from .hub import attach_merged_card, find_edit_repo, push_folder, push_merged_folder
+from .manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    edits_from_manifest,
+    is_edit_folder,
+    load_state,
+    read_manifest,
+    save_state,
+)
+from .methods import EditConfig, EditContext, Editor, StatisticsProvider, Update, config_from_dict, get_method
+from .methods.registry import MethodSpec, resolve_config
+from .requests import EditRequest, as_requests
 from .stats import SecondMomentStats
 from .version import __version__
 
-__all__ = ["EditedModel", "Edit", "MANIFEST_NAME"]
+__all__ = ["EditedModel", "Edit", "EditResult", "SkippedRequest", "MANIFEST_NAME"]
 
 logger = logging.getLogger(__name__)
 
-#: File written next to the adapter, listing the edits it holds.
-MANIFEST_NAME = "hf_edit.json"
-MANIFEST_FORMAT = "hf_edit.edits.v1"
-
-MethodSpec = str | ROMEConfig | FTConfig | Mapping[str, Any]
-MethodConfig = ROMEConfig | FTConfig
-Editor = ROMEEditor | FTEditor
 RequestLike = EditRequest | Mapping[str, Any]
+OnError = str  # "raise" | "skip"
 
 
-@dataclass
-class Edit:
-    """One applied edit of one module: its request(s), its factors and its diagnostics.
+@dataclass(frozen=True)
+class SkippedRequest:
+    """A request that ``edit(..., on_error="skip")`` did not apply, and why."""
 
-    Attributes:
-        requests: what was edited: one request for ROME; every request trained jointly for FT/FT+L.
-        method: ``"rome"``, ``"ft"`` or ``"ft+l"``.
-        module: full name of the edited module.
-        layer: its decoder layer.
-        factors: ΔW = B @ A (and Δb) of this edit, float32 on the CPU.
-        config: the method's hyperparameters (JSON).
-        info: diagnostics (ROME: norms, k·u, steps, losses, templates, statistics fingerprint, timings; FT:
-            epochs, steps, losses, ε, max |Δ|).
-        group: edits of one group share a PEFT adapter: consecutive ROME edits, or one FT/FT+L training run.
-        adapter: the name of that adapter (``"default"`` for the first group, then ``"edit_1"``, ...).
-        key, value: ROME edits made in this session: the key k and value v* with W′k + b = v* (not saved).
-    """
+    index: int
+    request: EditRequest
+    error: HfEditError
 
-    requests: tuple[EditRequest, ...]
-    method: str
-    module: str
-    layer: int | None
-    factors: LoraFactors
-    config: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    group: int = 0
-    adapter: str = ADAPTER_NAME
-    key: torch.Tensor | None = field(default=None, repr=False)
-    value: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def request(self) -> EditRequest:
-        """The (first) request of this edit."""
-        return self.requests[0]
-
-    @property
-    def is_dense(self) -> bool:
-        """A full-rank delta trained by FT/FT+L (as opposed to a ROME rank-one update)."""
-        return self.method != "rome"
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return {"method": self.method, "module": self.module, "layer": self.layer, "rank": self.factors.rank,
-                "adapter": self.adapter, "group": self.group, "requests": [r.to_dict() for r in self.requests],
-                "config": self.config, "info": self.info}
+    def __str__(self) -> str:
+        return str(self.error)  # names the request (index, subject, target)
 
 
-def _is_edit_folder(path: str | os.PathLike) -> bool:
-    return Path(path, MANIFEST_NAME).is_file()
+class EditResult(list):
+    """The edits one :meth:`EditedModel.edit` call applied (a list of :class:`Edit`), plus :attr:`skipped`: the
+    requests refused with ``on_error="skip"`` and their reasons."""
+
+    def __init__(self, edits: Iterable[Edit] = (), skipped: Iterable[SkippedRequest] = ()) -> None:
+        super().__init__(edits)
+        self.skipped: list[SkippedRequest] = list(skipped)
 
 
 class EditedModel:
     """A causal LM with knowledge edits, stored as PEFT LoRA adapters that are all active together.
 
-    ROME edits are rank-one factors; consecutive ROME edits stack into one adapter of rank k.  Each FT/FT+L
-    training run is a dense delta in an adapter of its own.  The first adapter is PEFT's ``"default"`` (saved
+    Every method returns updates ΔW = B A of modules (see :mod:`hf_edit.methods`).  Consecutive stackable updates
+    of one method (ROME, MEMIT) share an adapter whose rank grows with each edit; a non-stackable update (an FT/FT+L
+    training run's dense delta) gets an adapter of its own.  The first adapter is PEFT's ``"default"`` (saved
     at the folder's root, so plain ``PeftModel.from_pretrained`` loads it); later ones are ``"edit_1"``, ...
 
     Build it with :meth:`from_pretrained` (a base model, an edit folder or an edit repo on the Hub); then
@@ -111,10 +98,14 @@ class EditedModel:
     Args:
         model: a transformers causal LM (or a ``PeftModel`` loaded from an hf_edit folder, with ``edits``).
         tokenizer: its fast tokenizer.
-        method: the default editing method (``"rome"``, a :class:`ROMEConfig` or a dict of its fields); ``None``
-            means the configuration of the latest edit in ``edits``, else ``"rome"``.
+        method: the default editing method (a registered name such as ``"rome"``, a config object such as
+            :class:`ROMEConfig`, or a dict with a ``"method"`` key); ``None`` means the configuration of the latest
+            edit in ``edits``, else ``"rome"``.
         stats: explicit second-moment statistics (one object, or a mapping from layer/module name).
-        progress: show progress bars.
+        progress: show progress bars (over requests while editing, statistics, training); ``False`` prints nothing.
+        stats_data: the texts for second-moment statistics of whichever method needs them (a Hub dataset id, a
+            local text file or folder, or a ``datasets.Dataset``): used as ``mom2_dataset`` of every config that
+            leaves it at its default, so the data is named once even when the default method changes.
         fold_rank: when the ROME edits of one module in one adapter stack to a rank above this, the adapter holds
             their sum as one dense delta instead (cheaper once the rank exceeds min(d_in, d_out)).  ``"auto"``
             (default): min(d_in, d_out) of the module; ``None``: never fold.  :meth:`representation` says which
@@ -124,22 +115,24 @@ class EditedModel:
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, method: MethodSpec | None = None,
                  stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
                  progress: bool = True, edits: list[Edit] | None = None, revision: str | None = None,
-                 fold_rank: int | str | None = "auto") -> None:
+                 fold_rank: int | str | None = "auto", state: Mapping[str, Mapping[str, Any]] | None = None,
+                 stats_data: Any = None) -> None:
         self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._model: nn.Module | None = unwrap_model(model).eval()
         self.tokenizer = tokenizer
         self._default_method = method
-        self._stats = stats
         self._progress = progress
+        self.stats_data = stats_data
         self._edits: list[Edit] = list(edits or [])
         self._revision = revision
+        self._statistics = StatisticsProvider(self._model, tokenizer, explicit=stats, base_context=self.disable_edits,
+                                              revision=revision, progress=progress)
+        self._state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in (state or {}).items()}
         self._editors: dict[str, Editor] = {}
         if not (fold_rank in (None, "auto") or (isinstance(fold_rank, int) and fold_rank >= 1)):
             raise ConfigError(f"fold_rank must be 'auto', None or a positive integer, got {fold_rank!r}.")
         self.fold_rank = fold_rank
         self._folded: dict[tuple[str, str], int] = {}
-        self._saved_templates: list[str] | None = next(
-            (e.info["context_templates"] for e in reversed(self._edits) if "context_templates" in e.info), None)
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -148,7 +141,7 @@ class EditedModel:
                         stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
                         tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None,
                         token: str | bool | None = None, base_model: str | os.PathLike | None = None,
-                        progress: bool = True, **model_kwargs: Any) -> EditedModel:
+                        progress: bool = True, stats_data: Any = None, **model_kwargs: Any) -> EditedModel:
         """Load a base model (Hub id, local path or model object) or a saved edit folder, and apply ``edits``.
 
         A Hub repo id is first looked up as an edit repo (one request for its ``hf_edit.json``; pushed by
@@ -159,8 +152,9 @@ class EditedModel:
             pretrained: a model id or path, a loaded causal LM, a folder written by :meth:`save_pretrained`, or the
                 id of a Hub repo written by :meth:`push_to_hub`.
             edits: requests to apply now (``EditRequest``, reference dicts or CounterFact records).
-            method: ``"rome"`` (the preset for the model id, else documented defaults) or a :class:`ROMEConfig`.
-                Default: the configuration recorded with the latest loaded edit, else ``"rome"``.
+            method: a method name (e.g. ``"rome"``: the preset for the model id, else documented defaults), a
+                config object or a dict with a ``"method"`` key.  Default: the configuration recorded with the
+                latest loaded edit, else ``"rome"``.
             stats: second-moment statistics to use instead of computing them.
             tokenizer: defaults to the tokenizer stored with the model.
             revision: for a Hub edit repo, the revision (branch, tag or commit) of that repo (the base model's
@@ -169,21 +163,24 @@ class EditedModel:
             token: Hub token, used for the edit repo, the base model and the tokenizer.
             base_model: for an edit folder, load this base instead of the one recorded in it.
             progress: show progress bars.
+            stats_data: texts for the second-moment statistics of any method that needs them (see the class).
             **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (default ``dtype=torch.float32``).
         """
         hub_folder = None
+        if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, nn.Module):
+            _existing_or_hub_id(pretrained)  # a missing local path fails here, before any Hub request
         if isinstance(pretrained, str) and not os.path.exists(pretrained):
-            from .hub import find_edit_repo
-
             hub_folder = find_edit_repo(pretrained, revision=revision, token=token)
         if hub_folder is not None:  # the revision was the edit repo's; the base revision comes from its manifest
             model = cls._load_edit_folder(hub_folder, tokenizer=tokenizer, base_model=base_model, revision=None,
                                           token=token, method=method, stats=stats, progress=progress,
                                           **model_kwargs)
-        elif isinstance(pretrained, (str, os.PathLike)) and _is_edit_folder(pretrained):
+            model.stats_data = stats_data
+        elif isinstance(pretrained, (str, os.PathLike)) and is_edit_folder(pretrained):
             model = cls._load_edit_folder(Path(pretrained), tokenizer=tokenizer, base_model=base_model,
                                           revision=revision, token=token, method=method, stats=stats,
                                           progress=progress, **model_kwargs)
+            model.stats_data = stats_data
         else:
             if isinstance(pretrained, nn.Module):
                 base = pretrained
@@ -195,7 +192,8 @@ class EditedModel:
                 if not source:
                     raise HfEditError("Pass tokenizer= when giving a model object built without a name or path.")
                 tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=token)
-            model = cls(base, tokenizer, method=method, stats=stats, progress=progress, revision=revision)
+            model = cls(base, tokenizer, method=method, stats=stats, progress=progress, revision=revision,
+                        stats_data=stats_data)
         if edits is not None:
             model.edit(edits)
         return model
@@ -203,7 +201,7 @@ class EditedModel:
     @classmethod
     def _load_edit_folder(cls, folder: Path, *, tokenizer, base_model, revision, token, method, stats, progress,
                           **model_kwargs) -> EditedModel:
-        manifest = _read_manifest(folder)
+        manifest = read_manifest(folder)
         base_id = str(base_model or manifest.get("base_model") or "")
         if not base_id:
             raise EditFolderError(f"{folder} does not say which base model it edits; pass base_model=...")
@@ -215,11 +213,18 @@ class EditedModel:
             for name in names[1:]:
                 peft_model.load_adapter(str(folder / name), adapter_name=name)
         peft_model.base_model.set_adapter(names or [ADAPTER_NAME])
-        edits = _edits_from_manifest(manifest, {n: read_adapter_factors(peft_model, n) for n in names}, folder)
+        edits = edits_from_manifest(manifest, {n: read_adapter_factors(peft_model, n) for n in names}, folder)
+        for name in dict.fromkeys(e.method for e in edits):
+            try:
+                get_method(name)  # loads the plugin that provides it, if installed
+            except UnknownMethodError:
+                logger.warning("%s holds edits made with the method %r, which is not installed: they load and run, "
+                               "but further edits with it need its plugin package.", folder, name)
+        state = load_state(manifest, folder)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(base_id, revision=base_revision, token=token)
         return cls(peft_model, tokenizer, method=method, stats=stats, progress=progress, edits=edits,
-                   revision=base_revision)
+                   revision=base_revision, state=state)
 
     # -- passthrough -----------------------------------------------------------------------------------------
     @property
@@ -255,6 +260,29 @@ class EditedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped model's (``get_output_embeddings``, ``name_or_path``, ``dtype``, ...), so
+        any function that takes a causal LM takes an ``EditedModel``."""
+        if name.startswith("_") or name in ("model", "base_model", "tokenizer"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def eval(self) -> EditedModel:
+        """Evaluation mode (as it always is); returns ``self``."""
+        self.model.eval()
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> EditedModel:
+        """Move the model and its adapters (see ``nn.Module.to``); returns ``self``."""
+        self.model.to(*args, **kwargs)
+        return self
+
+    def modules(self) -> Iterator[nn.Module]:
+        return self.model.modules()
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.model.parameters(recurse)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the edited model (see ``transformers.GenerationMixin.generate``)."""
         return self.model.generate(*args, **kwargs)
@@ -269,72 +297,172 @@ class EditedModel:
         """The applied edits, in the order they were applied."""
         return tuple(self._edits)
 
-    def edit(self, requests: RequestLike | Iterable[RequestLike], method: MethodSpec | None = None) -> list[Edit]:
-        """Apply requests with ROME (one after another, each on the model as edited so far) or FT/FT+L (all
-        requests trained jointly, as the reference does).
+    def edit(self, requests: RequestLike | Iterable[RequestLike], method: MethodSpec | None = None, *,
+             on_error: OnError = "raise", check: bool = True, stats_data: Any = None) -> EditResult:
+        """Apply requests with an editing method: one after another, each on the model as edited so far (ROME), or
+        all together in one computation (FT/FT+L, MEMIT), as the method's editor says (``Editor.joint``).
 
-        The call is atomic: if anything fails, every edit of this call is undone and the exception re-raised.
+        Every request is validated before anything is computed.  After each edit its requests are checked on their
+        own prompts (:class:`~hf_edit.checks.EditCheck` in ``edit.info["checks"]``): P(new), the new target's rank
+        and P(old); an :class:`~hf_edit.errors.EditDidNotTakeWarning` (and a log line) says when the new target is
+        not the top prediction.
 
         Args:
             requests: ``EditRequest`` objects, reference dicts or CounterFact records.
-            method: ``"rome"``, ``"ft"``, ``"ft+l"``, a :class:`ROMEConfig` or :class:`FTConfig`; default: the
-                model's default method.
+            method: a registered method name (``hf_edit.methods.available_methods()``), a config object or a dict
+                with a ``"method"`` key; default: the model's default method.
+            on_error: ``"raise"`` (default): the call is atomic: if anything fails, every edit of this call is
+                undone, the method's state restored, and the exception re-raised, naming the request (index and
+                subject).  ``"skip"``: a request that fails validation or whose computation fails (e.g.
+                :class:`~hf_edit.errors.DisablingEditError`) is skipped and reported in the result's ``skipped``,
+                and every other request is applied (for a joint method a failed computation skips its batch).
+            check: measure whether each edit took (two small forward passes per batch).
+            stats_data: texts for second-moment statistics (see the class), for this call.
 
         Returns:
-            The new :class:`Edit` objects (ROME: one per request and layer; FT: one per trained module).
+            An :class:`EditResult`: the new :class:`Edit` objects (one per updated module and request, or per module
+            for joint methods), with ``.skipped``.
         """
         self._require_live()
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
         requests = as_requests(requests)
-        editor = self._editor(method if method is not None else self._default_method)
-        for request in requests:
-            editor.validate(request)
+        editor = self._editor(method if method is not None else self._default_method, stats_data)
+        skipped: list[SkippedRequest] = []
+        valid: list[tuple[int, EditRequest]] = []
+        for index, request in enumerate(requests):
+            try:
+                editor.validate(request)
+            except ConfigError:
+                raise  # the method's configuration, not this request, is wrong
+            except HfEditError as err:
+                _name_request(err, index, request)
+                if on_error == "raise":
+                    raise
+                skipped.append(SkippedRequest(index, request, err))
+                continue
+            valid.append((index, request))
         before = len(self._edits)
+        name = editor.config.name
+        state_before = dict(self._state.get(name, {}))
+        batches = [valid] if editor.joint else [[item] for item in valid]
+        bar = self._progress_bar(len(valid), f"{editor.config.name} edits")
         try:
-            if isinstance(editor, ROMEEditor):
-                self._apply_rome(editor, requests)
-            else:
-                self._apply_dense(editor, requests)
+            with bar:
+                for batch in batches:
+                    batch_requests = [r for _, r in batch]
+                    state_batch = dict(self._state.get(name, {}))
+                    try:
+                        updates = editor.compute(batch_requests)
+                    except HfEditError as err:
+                        if len(batch) == 1:
+                            _name_request(err, *batch[0])
+                        if on_error == "raise":
+                            raise
+                        self._state[name].clear()
+                        self._state[name].update(state_batch)
+                        skipped += [SkippedRequest(i, r, err) for i, r in batch]
+                        bar.update(len(batch))
+                        continue
+                    applied = self._apply(editor, updates, batch_requests)
+                    if check and applied:
+                        self._check(applied, batch_requests)
+                    bar.update(len(batch))
+                    if applied and "checks" in applied[-1].info:
+                        bar.set_postfix(p_new=f"{applied[-1].info['checks'][-1]['p_new']:.3f}")
         except BaseException:
+            self._state[name].clear()
+            self._state[name].update(state_before)
             if len(self._edits) != before:
                 del self._edits[before:]
                 self._rebuild()
             raise
-        return self._edits[before:]
+        for item in skipped:
+            logger.warning("Skipped %s", item)
+        return EditResult(self._edits[before:], skipped)
 
-    def _apply_rome(self, editor: ROMEEditor, requests: list[EditRequest]) -> None:
+    def _progress_bar(self, total: int, description: str) -> Any:
+        if not self._progress or total < 2:
+            return _NoBar()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=description, leave=False)
+
+    def _check(self, edits: Sequence[Edit], requests: Sequence[EditRequest]) -> None:
+        """Record whether the batch took on its requests' own prompts; warn for each that did not."""
+        checks = check_requests(self.model, self.tokenizer, requests)
+        by_request = {id(r): c for r, c in zip(requests, checks, strict=True)}
+        for edit in edits:
+            edit.info["checks"] = [by_request[id(r)].to_dict() for r in edit.requests if id(r) in by_request]
+        for request, result in zip(requests, checks, strict=True):
+            if not result.took:
+                message = (f"The edit {request.subject!r} -> {request.target_new!r} did not take: the new target's "
+                           f"first token ranks {result.rank_new} (P(new) = {result.p_new:.3g}; the top prediction "
+                           f"is {result.top!r}). Try another layer or more optimisation steps, or check the "
+                           "request.")
+                logger.warning(message)
+                warnings.warn(message, EditDidNotTakeWarning, stacklevel=3)
+
+    def verify_edits(self) -> Verification:
+        """Check every applied request on the model as it is now: does its new target (still) win?
+
+        Returns:
+            A :class:`~hf_edit.checks.Verification` (print it for a table): per request of every edit batch, its
+            subject, target, P(new) when it was made and now, the new target's rank, P(old), and whether it holds.
+        """
+        self._require_live()
+        seen, requests, rows = set(), [], []
+        for edit in self._edits:
+            for position, request in enumerate(edit.requests):
+                if (edit.batch, position) in seen:
+                    continue
+                seen.add((edit.batch, position))
+                recorded = edit.info.get("checks") or []
+                p_then = recorded[position]["p_new"] if position < len(recorded) else None
+                requests.append(request)
+                rows.append((edit.batch, edit.method, request, p_then))
+        checks = check_requests(self.model, self.tokenizer, requests)
+        return Verification(VerificationRow(edit=batch, method=method, subject=r.subject, prompt=r.filled_prompt,
+                                            target=r.target_new, p_new_at_edit=p_then, check=c)
+                            for (batch, method, r, p_then), c in zip(rows, checks, strict=True))
+
+    def _apply(self, editor: Editor, updates: Sequence[Update], requests: Sequence[EditRequest]) -> list[Edit]:
+        """Append the updates of one ``compute`` call as one batch of edits and rebuild the adapters."""
+        if not updates:
+            return []
+        name, config = editor.config.name, editor.config.to_dict()
         last = self._edits[-1] if self._edits else None
-        group = last.group if last is not None and not last.is_dense else self._next_group()
-        for request in requests:
-            for target in editor.targets():
-                update = editor.compute(request, target)
-                factors = LoraFactors(A=update.u[None].cpu(), B=update.v[:, None].cpu())
-                self._edits.append(Edit(requests=(request,), method="rome", module=target.name,
-                                        layer=target.layer, factors=factors, config=editor.config.to_dict(),
-                                        info=update.info, group=group, key=update.key.cpu(),
-                                        value=update.value.cpu()))
-                self._rebuild()
-
-    def _apply_dense(self, editor: FTEditor, requests: list[EditRequest]) -> None:
-        group, method = self._next_group(), "ft+l" if editor.config.constrained else "ft"
-        for update in editor.compute(requests):
-            self._edits.append(Edit(requests=tuple(requests), method=method, module=update.target.name,
-                                    layer=update.target.layer, factors=update.factors(),
-                                    config=editor.config.to_dict(), info=update.info, group=group))
+        batch = max((e.batch for e in self._edits), default=-1) + 1
+        group = None
+        if all(u.stackable for u in updates) and last is not None and last.stackable and last.method == name:
+            group = last.group
+        start = len(self._edits)
+        for update in updates:
+            if group is None or not update.stackable:
+                group = self._next_group()
+            self._edits.append(Edit(requests=update.requests or tuple(requests), method=name, module=update.module,
+                                    layer=update.layer, factors=update.factors, config=config,
+                                    info=dict(update.info), group=group, batch=batch, stackable=update.stackable,
+                                    tensors=update.tensors))
+            if not update.stackable:
+                group = None
         self._rebuild()
+        return self._edits[start:]
 
     def _next_group(self) -> int:
         return max((e.group for e in self._edits), default=-1) + 1
 
     def remove_edit(self, index: int) -> list[Edit]:
-        """Remove the edit at ``index`` and return what was removed.
+        """Remove the edit at ``index`` together with every edit computed with it, and return what was removed.
 
-        A ROME edit is removed alone (later edits, computed with it present, stay as they are); an FT/FT+L edit
-        is removed together with every module and request of its joint training run.
+        A ROME edit (one request, one module) is removed alone; the edits of a joint computation (every module and
+        request of one FT/FT+L training run, one MEMIT batch) cannot be separated exactly and are removed together.
+        Later edits, computed with the removed ones present, stay as they are.
         """
         self._require_live()
         edit = self._edits[index]
-        removed = [e for e in self._edits if e.group == edit.group] if edit.is_dense else [edit]
-        self._edits = [e for e in self._edits if not any(e is r for r in removed)]
+        removed = [e for e in self._edits if e.batch == edit.batch]
+        self._edits[:] = [e for e in self._edits if e.batch != edit.batch]
         self._rebuild()
         return removed
 
@@ -364,8 +492,6 @@ class EditedModel:
             self._warn_if_merge_quantises()
             with quiet_peft():
                 model = self._peft.merge_and_unload()
-            from .hub import attach_merged_card
-
             attach_merged_card(model, manifest)
         self._peft, self._model = None, None
         return model
@@ -434,7 +560,9 @@ class EditedModel:
                 "base_model": self._peft.peft_config[ADAPTER_NAME].base_model_name_or_path,
                 "base_model_revision": self._revision,
                 "adapters": list(dict.fromkeys(e.adapter for e in self._edits)),
-                "edits": [e.manifest_entry() for e in self._edits]}
+                "edits": [e.manifest_entry() for e in self._edits],
+                "state": {name: {k: _describe_state(v) for k, v in values.items()}
+                          for name, values in self._state.items() if values}}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *,
                         eval_results: Mapping[str, float] | None = None, eval_dataset: str | None = None,
@@ -443,7 +571,7 @@ class EditedModel:
 
         The first adapter goes to the folder's root (``adapter_config.json``, ``adapter_model.safetensors``); later
         ones (e.g. an FT delta after ROME edits) go to subfolders named after them, as PEFT lays them out.  The
-        card (:func:`hf_edit.hub.render_card`) replaces PEFT's generic README.
+        card (:func:`hf_edit.cards.render_card`) replaces PEFT's generic README.
 
         Args:
             eval_results: metric name → value, shown in the card.
@@ -467,9 +595,8 @@ class EditedModel:
         finally:
             if folded:
                 self._rebuild()
+        manifest["state"] = save_state(self._state, save_directory)
         (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        from .hub import render_card
-
         render_card(manifest, **card).save(save_directory / "README.md")
         return manifest
 
@@ -490,8 +617,6 @@ class EditedModel:
         Returns:
             The URL of the commit.
         """
-        from .hub import push_folder
-
         with tempfile.TemporaryDirectory() as tmp:
             manifest = self._save(tmp, {}, eval_results=eval_results, eval_dataset=eval_dataset,
                                   base_model_id=base_model_id, repo_id=repo_id)
@@ -512,8 +637,6 @@ class EditedModel:
         Returns:
             The URL of the commit.
         """
-        from .hub import push_merged_folder
-
         self._require_live()
         if self._peft is None:
             raise HfEditError("There are no edits to merge; push the base model itself instead.")
@@ -527,37 +650,21 @@ class EditedModel:
         if self._model is None:
             raise HfEditError("This EditedModel was merged with merge_and_unload(); use the returned model.")
 
-    def _method_config(self, method: MethodSpec | None) -> MethodConfig:
-        if method is None:
-            if not self._edits:
-                method = "rome"
-            else:
-                last = self._edits[-1]
-                method = (ROMEConfig if last.method == "rome" else FTConfig).from_dict(last.config)
-        if isinstance(method, (ROMEConfig, FTConfig)):
-            return method
-        if isinstance(method, Mapping):
-            return ROMEConfig.from_dict(method)
-        model_id = getattr(self._model, "name_or_path", None)
-        name = method.lower() if isinstance(method, str) else None
-        if name == "rome":
-            return rome_preset_for(model_id)
-        if name in ("ft", "ft+l"):
-            return ft_preset_for(model_id, constrained=name == "ft+l")
-        raise UnknownMethodError(f"Unknown editing method {method!r}; available: 'rome', 'ft', 'ft+l', or a "
-                                 "ROMEConfig / FTConfig.")
+    def _method_config(self, method: MethodSpec | None) -> EditConfig:
+        if method is None and self._edits:
+            last = self._edits[-1]
+            return config_from_dict(last.config, last.method)
+        return resolve_config(method, getattr(self._model, "name_or_path", None))
 
-    def _editor(self, method: MethodSpec | None) -> Editor:
-        config = self._method_config(method).resolved_for(self._model)
+    def _editor(self, method: MethodSpec | None, stats_data: Any = None) -> Editor:
+        config = _with_stats_data(self._method_config(method), stats_data or self.stats_data)
+        config = config.resolved_for(self._model)
         key = type(config).__name__ + json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._editors:
-            if isinstance(config, FTConfig):
-                self._editors[key] = FTEditor(self._model, self.tokenizer, config, progress=self._progress)
-            else:
-                templates = self._saved_templates if config.context_templates is None else None
-                self._editors[key] = ROMEEditor(self._model, self.tokenizer, config, stats=self._stats,
-                                                base_context=self.disable_edits, progress=self._progress,
-                                                templates=templates, revision=self._revision)
+            context = EditContext(model=self._model, tokenizer=self.tokenizer, base_context=self.disable_edits,
+                                  revision=self._revision, progress=self._progress, stats=self._statistics,
+                                  edits=self._edits, state=self._state.setdefault(config.name, {}))
+            self._editors[key] = get_method(config.name).editor_class(config, context)
         return self._editors[key]
 
     def _rebuild(self, fold: bool = True) -> None:
@@ -595,36 +702,61 @@ def _dense_factors(stacked: LoraFactors) -> LoraFactors:
 
 def _load_base(pretrained: str | os.PathLike, *, revision: str | None, token: str | bool | None,
                **model_kwargs: Any) -> nn.Module:
+    """The base model; a local folder is recorded by its absolute path (so a saved edit loads from anywhere)."""
     model_kwargs.setdefault("dtype", torch.float32)
+    pretrained = _existing_or_hub_id(pretrained)
     return AutoModelForCausalLM.from_pretrained(pretrained, revision=revision, token=token, **model_kwargs).eval()
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise EditFolderError(f"Cannot read {folder / MANIFEST_NAME}: {err}") from err
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise EditFolderError(f"{folder / MANIFEST_NAME} has format {manifest.get('format')!r}, expected "
-                              f"{MANIFEST_FORMAT!r}.")
-    return manifest
+def _existing_or_hub_id(pretrained: str | os.PathLike) -> str:
+    """An existing local folder as its absolute path, else a Hub id; a path that does not exist is an error here
+    (no Hub round trip for a name that can only be a path)."""
+    text = os.fspath(pretrained)
+    if os.path.isdir(text):
+        return str(Path(text).expanduser().resolve())
+    if isinstance(pretrained, os.PathLike) or looks_like_local_path(text, ()) or os.path.exists(text):
+        raise ModelNotFoundError(f"No such model folder: {text!r} (resolved to {Path(text).expanduser().resolve()}). "
+                                 "Pass an existing folder written by save_pretrained, or a Hub model id such as "
+                                 "'gpt2' or 'org/name'.")
+    return text
 
 
-def _edits_from_manifest(manifest: dict[str, Any], factors: dict[str, dict[str, LoraFactors]],
-                         folder: Path) -> list[Edit]:
-    """Pair the manifest's entries with the adapters' factor columns, checking that they agree."""
-    entries = manifest.get("edits", [])
-    ranks: dict[tuple[str, str], list[int]] = {}
-    for entry in entries:
-        ranks.setdefault((entry.get("adapter", ADAPTER_NAME), entry["module"]), []).append(int(entry["rank"]))
-    found = {(a, m): f.rank for a, modules in factors.items() for m, f in modules.items()}
-    expected = {key: sum(r) for key, r in ranks.items()}
-    if found != expected:
-        raise EditFolderError(f"The adapters in {folder} do not match their manifest: (adapter, module) ranks "
-                              f"{found} in the adapters, {expected} in {MANIFEST_NAME}.")
-    parts = {key: iter(factors[key[0]][key[1]].split(r)) for key, r in ranks.items()}
-    return [Edit(requests=tuple(as_request(r) for r in e["requests"]), method=e["method"], module=e["module"],
-                 layer=e.get("layer"), factors=next(parts[(e.get("adapter", ADAPTER_NAME), e["module"])]),
-                 config=e.get("config", {}), info=e.get("info", {}), group=int(e.get("group", 0)),
-                 adapter=e.get("adapter", ADAPTER_NAME))
-            for e in entries]
+def _describe_state(value: Any) -> Any:
+    """A method-state value as the manifest shows it in memory (tensors by shape; saved folders reference them)."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    return value
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress is off."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        return None
+
+
+def _name_request(err: HfEditError, index: int, request: EditRequest) -> None:
+    """Prefix the error's message with the request it is about (index and subject), once."""
+    prefix = f"Request {index} ({request.subject!r} -> {request.target_new!r}): "
+    if err.args and isinstance(err.args[0], str) and not err.args[0].startswith("Request "):
+        err.args = (prefix + err.args[0], *err.args[1:])
+    err.request_index, err.request = index, request
+
+
+def _with_stats_data(config: EditConfig, stats_data: Any) -> EditConfig:
+    """``config`` with ``mom2_dataset = stats_data`` when it has that field and leaves it at its default."""
+    if stats_data is None:
+        return config
+    defaults = {f.name: f.default for f in fields(config)}
+    if "mom2_dataset" not in defaults or config.mom2_dataset != defaults["mom2_dataset"]:
+        return config
+    return replace(config, mom2_dataset=stats_data if not isinstance(stats_data, os.PathLike) else str(stats_data))

@@ -26,6 +26,8 @@ __all__ = [
     "EditFolderError",
     "DisablingEditError",
     "DatasetFormatError",
+    "ModelNotFoundError",
+    "EditDidNotTakeWarning",
 ]
 
 
@@ -103,3 +105,11 @@ class EditFolderError(HfEditError):
 
 class DatasetFormatError(HfEditError, ValueError):
     """An evaluation data set is missing, unreadable, or in none of the supported formats."""
+
+
+class ModelNotFoundError(HfEditError, FileNotFoundError):
+    """A model or edit folder given by path does not exist."""
+
+
+class EditDidNotTakeWarning(UserWarning):
+    """An edit was applied but its new target is not the model's top prediction on the edit's own prompt."""

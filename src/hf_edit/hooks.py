@@ -11,14 +11,15 @@ from the input ids' shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Captured", "StopForward", "capture", "add_at_positions", "as_batch_seq", "run_until", "only_positions",
+__all__ = ["Captured", "StopForward", "forward_hook", "kv_cache_arguments", "capture", "add_at_positions", "add_low_rank", "as_batch_seq", "run_until", "only_positions",
            "replay_outputs", "eval_mode", "frozen_eval"]
 
 
@@ -29,6 +30,31 @@ class StopForward(Exception):
 def as_batch_seq(x: torch.Tensor, batch_shape: tuple[int, int]) -> torch.Tensor:
     """View a module activation as ``(batch, seq, width)`` (undoes OPT's flattening)."""
     return x if x.dim() == 3 else x.reshape(*batch_shape, x.shape[-1])
+
+
+def kv_cache_arguments(model: nn.Module, output: Any) -> dict[str, Any]:
+    """The keyword arguments that pass ``output``'s key/value cache to the next forward call of ``model``.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (both as argument and output; the old name is removed
+    in 5.40); older 5.x releases know only ``past_key_values``.
+    """
+    import inspect
+
+    from .architecture import unwrap_model
+
+    if "cache" in inspect.signature(unwrap_model(model).forward).parameters:
+        return {"cache": output["cache"]}
+    return {"past_key_values": output["past_key_values"]}
+
+
+@contextmanager
+def forward_hook(module: nn.Module, hook: Callable[..., Any], *, pre: bool = False) -> Iterator[None]:
+    """Register ``hook`` as a forward hook (or forward pre-hook) of ``module`` for the duration of the block."""
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -63,11 +89,8 @@ def capture(module: nn.Module, batch_shape: tuple[int, int], *, detach: bool = T
         if stop:
             raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield record
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -85,11 +108,26 @@ def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Te
         update[rows, positions.to(rows.device)] = delta.to(device=out.device, dtype=out.dtype)
         return (out + update).reshape(output.shape)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
+
+
+@contextmanager
+def add_low_rank(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
+    """Add ``B A x`` to the module's output inside the block, as a LoRA adapter of scaling 1 would.
+
+    ``A`` is (rank, in_features) and ``B`` (out_features, rank), in the Linear orientation; the product is
+    computed in float32 and added in the output's dtype.  Used to try an update before it becomes an adapter.
+    """
+
+    def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0].float()
+        low_rank = (x @ A.to(device=x.device, dtype=torch.float32).T) @ B.to(device=x.device,
+                                                                              dtype=torch.float32).T
+        return (output.float() + low_rank).to(output.dtype)
+
+    with forward_hook(module, hook):
+        yield
 
 
 @contextmanager
@@ -105,11 +143,8 @@ def only_positions(head: nn.Module, rows: torch.Tensor, positions: torch.Tensor)
         hidden = args[0]
         return (hidden[rows.to(hidden.device), positions.to(hidden.device)][None], *args[1:])
 
-    handle = head.register_forward_pre_hook(pre_hook)
-    try:
+    with forward_hook(head, pre_hook, pre=True):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .errors import ConfigError
+from .hooks import kv_cache_arguments
 
 __all__ = ["BARE_TEMPLATE", "sample_context_templates", "normalise_templates"]
 
@@ -44,7 +45,7 @@ def _sample_continuations(model: nn.Module, start: int, n: int, new_tokens: int,
         next_ids = top_i.gather(-1, choice)
         sampled.append(next_ids)
         if step + 1 < new_tokens:
-            out = model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=next_ids, use_cache=True, **kv_cache_arguments(model, out))
     return torch.cat(sampled, dim=1) if sampled else ids[:, :0]
 
 

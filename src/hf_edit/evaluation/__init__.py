@@ -8,6 +8,7 @@
   :func:`reference_score` (RS).
 * EasyEdit's token accuracy, under its own name: :func:`easyedit_token_accuracy`.
 * The runner: :func:`evaluate_model` (protocols ``"single"`` and ``"sequential"``) → :class:`EvaluationResult`.
+* Hyperparameter sweeps: :func:`config_grid` and :func:`sweep` (a ranked table of settings) → :class:`SweepResult`.
 
 The same numbers are available as ``evaluate`` modules: ``evaluate.load(hf_edit.metrics.path("counterfact"))``.
 """
@@ -31,6 +32,7 @@ from .generation import (
 )
 from .runner import PROTOCOLS, EvaluationResult, GenerationSettings, evaluate_model
 from .scoring import ContinuationScore, score_continuations
+from .sweep import SweepEntry, SweepResult, config_grid, parse_grid_values, sweep
 from .token_accuracy import easyedit_locality, easyedit_token_accuracy
 from .zsre import summarize_zsre, zsre_case_metrics, zsre_correct
 
@@ -40,5 +42,6 @@ __all__ = [
     "summarize", "zsre_correct", "zsre_case_metrics", "summarize_zsre", "generate_texts", "generation_entropy",
     "word_tokenize", "TfidfModel", "AttributeSnippets", "reference_score", "easyedit_token_accuracy",
     "easyedit_locality", "evaluate_model", "EvaluationResult", "GenerationSettings", "PROTOCOLS",
-    "score_continuations", "ContinuationScore",
+    "score_continuations", "ContinuationScore", "sweep", "SweepResult", "SweepEntry", "config_grid",
+    "parse_grid_values",
 ]

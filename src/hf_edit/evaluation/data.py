@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import DatasetFormatError, InvalidRequestError
+from ..files import file_sha256, looks_like_local_path
 from ..requests import PLACEHOLDER, EditRequest
-from ..stats import file_sha256, looks_like_local_path
 
 if TYPE_CHECKING:
     import datasets

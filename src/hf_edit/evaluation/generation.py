@@ -31,8 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..architecture import max_positions, unwrap_model
 from ..errors import ConfigError, DatasetFormatError
-from ..hooks import eval_mode
-from ..stats import file_sha256
+from ..files import file_sha256
+from ..hooks import eval_mode, kv_cache_arguments
 from ..tokens import pad_token_id
 from .scoring import input_device
 
@@ -195,7 +195,7 @@ class _BatchSampler:
             if step + 1 == steps:
                 break
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            out = self._forward(next_ids, mask, next_position, past=out.past_key_values)
+            out = self._forward(next_ids, mask, next_position, past=out)
             # A row past its own budget keeps running (its samples are dropped); its position stops at the last
             # one allowed, so models with max_length positions do not index past their position table.
             next_position = (next_position + 1).clamp(max=self.max_length - 1)
@@ -213,8 +213,8 @@ class _BatchSampler:
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any) -> Any:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": True}
-        if past is not None:
-            kwargs["past_key_values"] = past
+        if past is not None:  # the previous step's output, holding its key/value cache
+            kwargs.update(kv_cache_arguments(self.model, past))
         if self.pass_positions:
             kwargs["position_ids"] = positions
         if self.pass_logits_to_keep:

@@ -37,9 +37,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..adapters import LoraFactors
 from ..architecture import max_positions, unwrap_model
-from ..edited_model import Edit, EditedModel, MethodSpec
+from ..edit import Edit
+from ..edited_model import EditedModel
 from ..errors import ConfigError, HfEditError
-from ..hooks import as_batch_seq
+from ..hooks import as_batch_seq, forward_hook
+from ..methods.registry import MethodSpec, resolve_config
 from ..stats import model_fingerprint
 from ..version import __version__
 from . import counterfact as cf
@@ -93,7 +95,7 @@ class EvaluationResult:
 
     Attributes:
         protocol: ``"single"`` or ``"sequential"``.
-        method: ``"rome"``, ``"ft"``, ``"ft+l"`` or ``"none"``.
+        method: the registry name of the method (e.g. ``"rome"``), or ``"none"``.
         method_config: the resolved hyperparameters of the edits (``None`` for ``"none"``).
         model: name, revision and weight fingerprint of the evaluated model.
         data: source, format, fingerprint and size of the data set.
@@ -183,7 +185,8 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
         model: an :class:`~hf_edit.EditedModel` (existing edits stay and are part of "pre"), a transformers
             causal LM (with ``tokenizer``), or a model id / path.
         data: loaded :class:`EvalData` or anything :func:`~hf_edit.evaluation.load_eval_data` accepts.
-        method: ``"rome"``, ``"ft"``, ``"ft+l"``, a config object, or ``"none"`` (score the model as it is).
+        method: a registered method name (``hf_edit.methods.available_methods()``), a config object, or
+            ``"none"`` (score the model as it is).
         protocol: ``"single"`` (the reference's) or ``"sequential"``.
         n: evaluate the first ``n`` cases.
         every: sequential protocol: also score the cases edited so far after every ``every`` edits.
@@ -192,7 +195,7 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
         generation: ``True`` or :class:`GenerationSettings` to run the generation tests (GE, RS) on CounterFact
             records that have generation prompts.
         zsre_path: zsRE inputs built by ``"string"`` concatenation (the reference), ``"ids"`` or ``"auto"``.
-        stats: second-moment statistics for ROME (see :class:`~hf_edit.EditedModel`).
+        stats: second-moment statistics for the methods that need them (see :class:`~hf_edit.EditedModel`).
         progress: show progress bars.
 
     Raises:
@@ -215,7 +218,8 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
     if settings is not None and data.data_format != "counterfact":
         raise ConfigError("The generation tests need CounterFact records in the ROME format (generation prompts).")
     run = _Run(edited, data, settings, batch_size=batch_size, zsre_path=zsre_path, progress=progress)
-    method_name = _method_name(method)
+    method_name = "none" if method == "none" else resolve_config(
+        method, getattr(edited.base_model, "name_or_path", None)).name
     started = time.perf_counter()
     if method_name == "none":
         run.score_pre()
@@ -238,16 +242,6 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
                   if settings else None,
                   "pre_existing_edits": run.base_edits},
         environment=_environment(edited))
-
-
-def _method_name(method: Any) -> str:
-    if isinstance(method, str):
-        return method.lower()
-    from ..methods.ft import FTConfig
-
-    if isinstance(method, FTConfig):
-        return "ft+l" if method.constrained else "ft"
-    return "rome"
 
 
 def _edited_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, stats: Any,
@@ -369,7 +363,7 @@ class _Run:
         case = self.data.cases[index]
         started = time.perf_counter()
         try:
-            edits = self.edited.edit(case.request, method=method)
+            edits = self.edited.edit(case.request, method=method, check=False)  # the metrics say it
         except HfEditError as err:
             logger.warning("Edit of case %s failed: %s", case.case_id, err)
             self.records[index]["edit"] = {"ok": False, "error": f"{type(err).__name__}: {err}",
@@ -384,9 +378,11 @@ class _Run:
         return edits
 
     def _remove(self, edits: list[Edit]) -> None:
+        """Remove ``edits`` (removing one edit removes its whole batch)."""
         for edit in reversed(edits):
-            index = next(i for i, e in enumerate(self.edited.edits) if e is edit)
-            self.edited.remove_edit(index)
+            index = next((i for i, e in enumerate(self.edited.edits) if e is edit), None)
+            if index is not None:
+                self.edited.remove_edit(index)
 
     def single(self, method: Any, cases_per_batch: int) -> None:
         indices = list(range(len(self.data)))
@@ -447,9 +443,9 @@ class _Run:
 
 
 def _edit_summary(edits: list[Edit]) -> dict[str, Any]:
-    keep = ("k_dot_u", "norm_update", "norm_weight", "v_steps", "loss", "target_probability", "epochs", "steps",
-            "max_abs_delta_weight", "max_abs_delta_bias")
-    return {e.module: {k: v for k, v in e.info.items() if k in keep} for e in edits}
+    """The scalar diagnostics of each edited module (whatever the method reports)."""
+    return {e.module: {k: v for k, v in e.info.items() if isinstance(v, (bool, int, float, str)) or v is None}
+            for e in edits}
 
 
 # -- per-row edits ------------------------------------------------------------------------------------------------
@@ -488,8 +484,5 @@ def _add_row_deltas(module: nn.Module, row_factors: list[tuple[int, LoraFactors]
             out[row] = out[row] + delta.to(out.dtype)
         return out.reshape(output.shape)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()

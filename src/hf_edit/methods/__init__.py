@@ -1,7 +1,37 @@
-"""Editing methods. Each computes updates on a model; :mod:`hf_edit.edited_model` stores them as adapters."""
+"""Editing methods behind one plugin contract.
 
-from .ft import FT_PRESETS, FTL_PRESETS, DenseUpdate, FTConfig, FTEditor, ft_preset_for
-from .rome import ROME_PRESETS, RankOneUpdate, ROMEConfig, ROMEEditor, rome_preset_for
+* :mod:`hf_edit.methods.base`: the contract (:class:`EditConfig`, :class:`Editor`, :class:`EditContext`,
+  :class:`Update`, :class:`StatisticsProvider`);
+* :mod:`hf_edit.methods.registry`: :func:`register_method`, :func:`available_methods`, :func:`get_method`, and
+  plugin discovery through the ``hf_edit.methods`` entry-point group;
+* one folder per built-in method (config, editor, presets), each registering itself on import.
+"""
 
-__all__ = ["ROMEConfig", "ROME_PRESETS", "ROMEEditor", "RankOneUpdate", "rome_preset_for",
-           "FTConfig", "FT_PRESETS", "FTL_PRESETS", "FTEditor", "DenseUpdate", "ft_preset_for"]
+from .base import EditConfig, EditContext, Editor, StatisticsProvider, Update, match_preset
+from .registry import (
+    DEFAULT_METHOD,
+    ENTRY_POINT_GROUP,
+    MethodEntry,
+    available_methods,
+    config_from_dict,
+    get_method,
+    register_method,
+    resolve_config,
+)
+
+# Built-in methods (each registers itself).
+from . import alphaedit, emmet, ft, ke, kn, memit, mend, rome  # noqa: E402,F401  isort: skip
+from .ft import FTConfig, FTEditor, FTLConfig  # noqa: E402
+from .kn import KNConfig, KNEditor  # noqa: E402
+from .rome import ROMEConfig, ROMEEditor  # noqa: E402
+from .memit import MEMITConfig, MEMITEditor  # noqa: E402
+from .emmet import EMMETConfig, EMMETEditor  # noqa: E402
+from .alphaedit import AlphaEditConfig, AlphaEditEditor  # noqa: E402
+from .mend import MENDConfig, MENDEditor  # noqa: E402
+from .ke import KEConfig, KEEditor  # noqa: E402
+
+__all__ = ["EditConfig", "Editor", "EditContext", "Update", "StatisticsProvider", "match_preset", "register_method",
+           "available_methods", "get_method", "resolve_config", "config_from_dict", "MethodEntry", "DEFAULT_METHOD",
+           "ENTRY_POINT_GROUP", "ROMEConfig", "ROMEEditor", "FTConfig", "FTLConfig", "FTEditor", "MEMITConfig", "MEMITEditor", "EMMETConfig",
+           "EMMETEditor", "AlphaEditConfig", "AlphaEditEditor", "KNConfig", "KNEditor",
+           "MENDConfig", "MENDEditor", "KEConfig", "KEEditor"]

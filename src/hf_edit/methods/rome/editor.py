@@ -20,215 +20,37 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from ..architecture import EditTarget, base_layer, find_layout, num_layers, resolve_target, unwrap_model
-from ..errors import (
-    ConfigError,
-    DisablingEditError,
-    OptimizationError,
-    StatisticsMismatchError,
-    UnsupportedArchitectureError,
-)
-from ..hooks import add_at_positions, capture, frozen_eval, only_positions, replay_outputs
-from ..requests import EditRequest
-from ..stats import SecondMomentStats, load_or_compute_stats
-from ..templates import BARE_TEMPLATE, normalise_templates, sample_context_templates
-from ..tokens import Encoded, encode_with_subject, pad_batch, pad_token_id, target_ids
+from ...architecture import EditTarget, base_layer, find_layout, unwrap_model
+from ...errors import DisablingEditError, OptimizationError, UnsupportedArchitectureError
+from ...hooks import add_at_positions, add_low_rank, capture, frozen_eval, only_positions, replay_outputs
+from ...requests import EditRequest
+from ...stats import SecondMomentStats
+from ...templates import BARE_TEMPLATE, normalise_templates, sample_context_templates
+from ...tokens import Encoded, encode_with_subject, pad_batch, pad_token_id, target_ids
+from ..base import EditContext, Editor, Update
+from .config import ROMEConfig
 
-__all__ = ["ROMEConfig", "ROME_PRESETS", "RankOneUpdate", "ROMEEditor", "rome_preset_for"]
+__all__ = ["RankOneUpdate", "ROMEEditor"]
 
 logger = logging.getLogger(__name__)
-
-FactToken = Literal["subject_first", "subject_last", "subject_first_after_last", "last"]
-KeyMode = Literal["original", "consistent"]
-
-#: Reference hyperparameter keys that configure module paths hf_edit finds by itself; accepted and ignored.
-_REFERENCE_ONLY_KEYS = {"layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module",
-                        "mom2_update_weight", "stats_dir"}
-
-
-#: Defaults of the disabling-edit guard, chosen from the first 50 sequential edits on cf-facts-gpt2 in both key
-#: modes (benchmarks/long_run.py, README): the consistent mode (alignment 1 by construction) had no ‖ΔW‖/‖W‖ above
-#: 1.9 and no KL above 0.1; the original mode's exploding updates (‖ΔW‖/‖W‖ 7–19) had alignments below 0.26.
-GUARD_MAX_RELATIVE_NORM = 10.0
-GUARD_MIN_KEY_ALIGNMENT = 0.2
-GUARD_MAX_KL = 0.5
-GUARD_PROMPTS = ("The weather today is", "My favourite food is", "He opened the door and", "The number after nine is")
-
-
-@dataclass(frozen=True)
-class ROMEConfig:
-    """Hyperparameters of ROME, with the reference implementation's names and defaults.
-
-    Args:
-        layers: decoder layer(s) to edit (0-based). ``None``: the preset for the model id, else
-            ``num_hidden_layers // 3`` (which equals the shipped choice for gpt2-medium/large and is within one
-            layer for gpt2-xl).
-        fact_token: which token of the subject carries the key: ``"subject_last"`` (reference default),
-            ``"subject_first"``, ``"subject_first_after_last"`` or ``"last"`` (last token of the prompt).
-        v_num_grad_steps: maximum forward passes of the v* optimisation (at most this minus one Adam steps).
-        v_lr: Adam learning rate for δ.
-        v_loss_layer: unused by ROME (kept so the reference's files load).
-        v_weight_decay: weight of ‖δ‖ / ‖v_init‖² in the loss (the norm, not its square, as the reference).
-        clamp_norm_factor: after every step ‖δ‖ is clamped to ``clamp_norm_factor · ‖v_init‖``.
-        kl_factor: weight of KL(P_δ ‖ P_0) at the subject's last token of ``"<subject> is a"``.
-        early_stop_loss: stop once the total loss is below this (hard-coded 5e-2 in the reference).
-        mom2_adjustment: use u = C⁻¹k̄ (True, all shipped configs) or u = k̄.
-        mom2_dataset: texts for C: a Hub dataset id (``"id"`` or ``"id:config"``; ``"wikipedia"`` means English
-            Wikipedia), a local text file or folder, or a ``datasets.Dataset`` with a ``text`` column.
-        mom2_n_samples: number of **texts** sampled for C (reference: 100,000 articles).
-        mom2_dtype: accumulation and solve precision: ``"float64"`` (hf_edit default, Cholesky solve) or
-            ``"float32"`` (the reference's choice, explicit float32 inverse; use for parity).
-        mom2_max_length: truncation of each text (default: the model's maximum length).
-        mom2_damping: optional ridge λ: C + λ·(tr C / I)·I. 0 (off) as the reference.
-        context_template_length_params: ``[[length, n], ...]`` of sampled templates (length counts the start
-            token).
-        context_templates: explicit templates (each with one ``{}``), used instead of sampling; ``"{}"`` is
-            prepended if missing.
-        context_template_top_k: top-k of the template sampler.
-        seed: seed of the template sampler.
-        key_mode: ``"original"`` (reference: W′k_cur + b = v*) or ``"consistent"`` (r-ROME: W′k̄ + b = v*).
-        rewrite_module_tmp: explicit module path with ``{}`` for the layer (e.g.
-            ``"transformer.h.{}.mlp.c_proj"``); default: found by architecture discovery.
-        guard: check every update before it is applied and raise :class:`~hf_edit.errors.DisablingEditError`
-            (nothing applied) if it exceeds one of the thresholds below (``None`` switches a check off).  The
-            measurements are recorded in each edit's ``info`` whether or not the guard is on.
-        guard_max_relative_norm: the largest ‖ΔW‖_F / ‖W‖_F allowed.
-        guard_min_key_alignment: the smallest cosine, in the C⁻¹ metric, between the key the update is solved for
-            (k_cur in the original key mode) and the template-averaged key k̄ that defines u.  Near 0, k_cur·u
-            vanishes and the update explodes: the "disabling edit" of sequential ROME.  Always 1 in the
-            consistent key mode.
-        guard_max_kl: the largest mean KL(P_before ‖ P_after) of the next-token distribution at the end of the
-            ``guard_prompts`` (unrelated text), in nats.
-        guard_prompts: the unrelated prompts of the KL check.
-    """
-
-    layers: tuple[int, ...] | None = None
-    fact_token: FactToken = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_loss_layer: int | None = None
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    mom2_adjustment: bool = True
-    mom2_dataset: Any = "wikipedia"
-    mom2_n_samples: int = 100_000
-    mom2_dtype: Literal["float32", "float64"] = "float64"
-    mom2_max_length: int | None = None
-    mom2_damping: float = 0.0
-    context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
-    context_templates: tuple[str, ...] | None = None
-    context_template_top_k: int = 5
-    seed: int = 0
-    key_mode: KeyMode = "original"
-    rewrite_module_tmp: str | None = None
-    guard: bool = True
-    guard_max_relative_norm: float | None = GUARD_MAX_RELATIVE_NORM
-    guard_min_key_alignment: float | None = GUARD_MIN_KEY_ALIGNMENT
-    guard_max_kl: float | None = GUARD_MAX_KL
-    guard_prompts: tuple[str, ...] = GUARD_PROMPTS
-
-    def __post_init__(self) -> None:
-        as_tuple = lambda x: tuple(x) if x is not None and not isinstance(x, (str, int)) else x  # noqa: E731
-        layers = (self.layers,) if isinstance(self.layers, int) else as_tuple(self.layers)
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "context_template_length_params",
-                           tuple(tuple(p) for p in self.context_template_length_params))
-        object.__setattr__(self, "context_templates", as_tuple(self.context_templates))
-        object.__setattr__(self, "guard_prompts", as_tuple(self.guard_prompts) or ())
-        self._validate()
-
-    def _validate(self) -> None:
-        if self.key_mode not in ("original", "consistent"):
-            raise ConfigError(f"key_mode must be 'original' or 'consistent', got {self.key_mode!r}.")
-        if self.fact_token not in ("subject_first", "subject_last", "subject_first_after_last", "last"):
-            raise ConfigError(f"Unknown fact_token {self.fact_token!r}.")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise ConfigError(f"mom2_dtype must be 'float32' or 'float64', got {self.mom2_dtype!r}.")
-        if self.v_num_grad_steps < 1:
-            raise ConfigError("v_num_grad_steps must be at least 1.")
-        if self.layers is not None and len(self.layers) == 0:
-            raise ConfigError("layers is empty.")
-        for name in ("v_lr", "clamp_norm_factor", "mom2_n_samples"):
-            if not getattr(self, name) > 0:  # written so that NaN fails too
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
-        for name in ("kl_factor", "v_weight_decay", "mom2_damping"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}.")
-        for name in ("guard_max_relative_norm", "guard_min_key_alignment", "guard_max_kl"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ConfigError(f"{name} must be non-negative or None, got {value}.")
-        if self.guard and self.guard_max_kl is not None and not self.guard_prompts:
-            raise ConfigError("guard_max_kl needs guard_prompts (unrelated prompts to measure the KL on).")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ROMEConfig:
-        """Build from a dict, e.g. the reference's ``hparams/ROME/*.json`` (its module-path keys are ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known - _REFERENCE_ONLY_KEYS
-        if unknown:
-            raise ConfigError(f"Unknown ROME hyperparameters: {sorted(unknown)}.")
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ROMEConfig:
-        """Load a JSON hyperparameter file (hf_edit's or the reference's)."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (a ``datasets.Dataset`` as ``mom2_dataset`` is recorded by fingerprint)."""
-        values = asdict(self)
-        if not isinstance(self.mom2_dataset, (str, type(None))):
-            values["mom2_dataset"] = f"<{type(self.mom2_dataset).__name__} "\
-                                     f"{getattr(self.mom2_dataset, '_fingerprint', '')}>"
-        return json.loads(json.dumps(values))
-
-    def resolved_for(self, model: nn.Module) -> ROMEConfig:
-        """This config with ``layers`` filled in from the preset for the model, or the default rule."""
-        if self.layers is not None:
-            return self
-        return replace(self, layers=(num_layers(unwrap_model(model)) // 3,))
-
-
-#: Shipped hyperparameters of the reference (kmeng01/rome ``hparams/ROME``; NeoX-20B from kmeng01/memit).
-ROME_PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-medium": dict(layers=(8,), clamp_norm_factor=3.0, v_loss_layer=23),
-    "gpt2-large": dict(layers=(12,), clamp_norm_factor=4.0, v_loss_layer=35),
-    "gpt2-xl": dict(layers=(17,), clamp_norm_factor=4.0, v_loss_layer=47),
-    "EleutherAI/gpt-j-6B": dict(layers=(5,), clamp_norm_factor=4.0, v_loss_layer=27),
-    "EleutherAI/gpt-neox-20b": dict(layers=(15,), clamp_norm_factor=4.0, v_loss_layer=43),
-}
-
-
-def rome_preset_for(model_id: str | None) -> ROMEConfig:
-    """The shipped ROME config for a model id (``"gpt2-xl"``, ``"openai-community/gpt2-xl"``, ...), else defaults."""
-    if model_id:
-        for name, values in ROME_PRESETS.items():
-            if model_id == name or model_id.lower().endswith("/" + name.lower()) or model_id.lower() == name.lower():
-                return ROMEConfig(**values)
-    return ROMEConfig()
 
 
 @dataclass
 class RankOneUpdate:
-    """A ROME update ΔW = v uᵀ (Linear orientation) of one module.
+    """A ROME update ΔW = rv uᵀ (Linear orientation) of one module.
 
     Attributes:
         target: the edited module.
         u: unit key direction C⁻¹k̄ / ‖C⁻¹k̄‖, shape (in_features,), float32.
-        v: the column rv, shape (out_features,), float32.
+        rv: the value column rv = (v* − W k − b) / (k · u), shape (out_features,), float32.
         key: the key k with W′k + b = v* (k_cur or k̄ by key_mode).
         value: v*.
         info: diagnostics (norms, k·u, steps, losses, clamp, templates, statistics fingerprint, timings).
@@ -236,15 +58,21 @@ class RankOneUpdate:
 
     target: EditTarget
     u: torch.Tensor
-    v: torch.Tensor
+    rv: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
 
-    def delta_weight(self) -> torch.Tensor:
+    def module_delta_weight(self) -> torch.Tensor:
         """ΔW in the module's own weight layout ((in, out) for Conv1D, (out, in) for Linear)."""
-        outer = torch.outer(self.v, self.u)
+        outer = torch.outer(self.rv, self.u)
         return outer.T if self.target.is_conv1d else outer
+
+    def as_update(self, request: EditRequest) -> Update:
+        """The contract's :class:`~hf_edit.methods.Update`: A = uᵀ (1 × in), B = rv (out × 1)."""
+        return Update(module=self.target.name, A=self.u[None].cpu(), B=self.rv[:, None].cpu(), requests=(request,),
+                      layer=self.target.layer, info=self.info, stackable=True,
+                      tensors={"key": self.key.cpu(), "value": self.value.cpu()})
 
 
 @dataclass
@@ -269,41 +97,42 @@ def _position(encoded: Encoded, fact_token: str, prompt_length: int) -> int:
     return prompt_length - 1
 
 
-class ROMEEditor:
-    """Computes ROME updates for one model; owns the context templates and second-moment statistics.
+class ROMEEditor(Editor):
+    """Computes ROME updates, one request after another (each on the model as edited so far).
 
-    Templates are sampled once, from the base model, and reused for every edit this editor makes (as in the
-    reference).  Statistics are taken from ``stats`` when given, else loaded from or computed into the on-disk
-    cache, always on the base model.
-
-    Args:
-        model: the causal LM as edited so far (edits active), possibly with PEFT layers.
-        tokenizer: its (fast) tokenizer.
-        config: the ROME hyperparameters, with ``layers`` resolved.
-        stats: explicit statistics: one :class:`SecondMomentStats`, or a mapping from layer index or module
-            name to statistics.
-        base_context: zero-argument callable giving a context manager under which ``model`` is the base model.
-        progress: show progress bars when computing statistics.
-        templates: context templates to reuse (e.g. those saved with earlier edits) instead of sampling.
-        revision: the Hub revision the model was loaded from (part of the statistics cache key).
+    Context templates are sampled once, from the base model, and reused for every edit (as in the reference);
+    templates recorded with earlier edits of the same sampler settings (e.g. in a loaded folder) are reused.
+    Statistics come from the context's shared provider (explicit, cached, or computed on the base model).
+    With several layers, each layer's update is computed with the earlier layers' updates of the same request
+    applied.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: ROMEConfig, *,
-                 stats: SecondMomentStats | Mapping[int | str, SecondMomentStats] | None = None,
-                 base_context: Callable[[], AbstractContextManager] | None = None, progress: bool = True,
-                 templates: list[str] | None = None, revision: str | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config.resolved_for(model)
-        self.base_context = base_context or nullcontext
-        self.progress = progress
-        self._explicit_stats = stats
-        self._stats: dict[str, SecondMomentStats] = {}
-        self._templates = templates
+    config_class = ROMEConfig
+    joint = False
+
+    def __init__(self, config: ROMEConfig, context: EditContext) -> None:
+        super().__init__(config, context)
+        self._templates: list[str] | None = None
         self.templates_prepended_bare = False
-        self.revision = revision
 
     # -- templates and statistics -------------------------------------------------------------------------
+    def _sampler_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"context_template_length_params": [list(p) for p in cfg.context_template_length_params],
+                "context_template_top_k": cfg.context_template_top_k, "seed": cfg.seed}
+
+    def _recorded_templates(self) -> list[str] | None:
+        """Templates sampled for an earlier edit with the same sampler settings (e.g. in a loaded folder)."""
+        wanted = json.dumps(self._sampler_settings(), sort_keys=True)
+        for edit in reversed(self.context.edits):
+            templates = edit.info.get("context_templates")
+            if templates is None or edit.config.get("context_templates") is not None:
+                continue
+            settings = {k: edit.config.get(k) for k in self._sampler_settings()}
+            if json.dumps(settings, sort_keys=True) == wanted:
+                return list(templates)
+        return None
+
     @property
     def templates(self) -> list[str]:
         """The context templates (row 0 is ``"{}"``), sampled on first use."""
@@ -311,7 +140,9 @@ class ROMEEditor:
             if self.config.context_templates is not None:
                 self._templates, self.templates_prepended_bare = normalise_templates(self.config.context_templates)
             else:
-                with self.base_context(), frozen_eval(self.model):
+                self._templates = self._recorded_templates()
+            if self._templates is None:
+                with self.context.base_context(), frozen_eval(self.model):
                     self._templates = sample_context_templates(
                         self.model, self.tokenizer, self.config.context_template_length_params,
                         top_k=self.config.context_template_top_k, seed=self.config.seed)
@@ -319,40 +150,32 @@ class ROMEEditor:
 
     def stats_for(self, target: EditTarget) -> SecondMomentStats:
         """Second-moment statistics of ``target``'s input on the base model (explicit, cached or computed)."""
-        if target.name not in self._stats:
-            stats = self._explicit_stats_for(target)
-            if stats is None:
-                stats = load_or_compute_stats(
-                    self.model, self.tokenizer, target, dataset=self.config.mom2_dataset,
-                    n_samples=self.config.mom2_n_samples, dtype=self.config.mom2_dtype,
-                    max_length=self.config.mom2_max_length, base_context=self.base_context,
-                    progress=self.progress, model_revision=self.revision)
-            stats.check_compatible(target)
-            self._stats[target.name] = stats
-        return self._stats[target.name]
-
-    def _explicit_stats_for(self, target: EditTarget) -> SecondMomentStats | None:
-        given = self._explicit_stats
-        if given is None or isinstance(given, SecondMomentStats):
-            return given
-        for key in (target.name, target.layer):
-            if key in given:
-                return given[key]
-        raise StatisticsMismatchError(
-            f"Statistics were given for {sorted(map(str, given))} but not for {target.name} (layer {target.layer}).")
+        cfg = self.config
+        return self.context.stats.get(target, dataset=cfg.mom2_dataset, n_samples=cfg.mom2_n_samples,
+                                      dtype=cfg.mom2_dtype, max_length=cfg.mom2_max_length)
 
     # -- the edit -------------------------------------------------------------------------------------------
     def validate(self, request: EditRequest) -> None:
-        """Fail fast, before any computation, if the request does not fit the tokenizer."""
-        target_ids(self.tokenizer, request.target_new)
+        """Fail fast, before any computation, if the request does not fit the tokenizer or the model."""
+        super().validate(request)
         self._encode(BARE_TEMPLATE, request)
 
-    def targets(self) -> list[EditTarget]:
-        """The modules this config edits, in ascending layer order."""
-        return [resolve_target(self.model, layer, self.config.rewrite_module_tmp)
-                for layer in sorted(self.config.layers)]
+    def compute(self, requests: Sequence[EditRequest]) -> list[Update]:
+        """The rank-one update of every configured layer for each request (normally one request).
 
-    def compute(self, request: EditRequest, target: EditTarget) -> RankOneUpdate:
+        The model is not modified.
+        """
+        updates: list[Update] = []
+        for request in requests:
+            with ExitStack() as applied:
+                for target in self.targets():
+                    update = self.compute_update(request, target)
+                    updates.append(update.as_update(request))
+                    module = unwrap_model(self.model).get_submodule(target.name)
+                    applied.enter_context(add_low_rank(module, update.u[None], update.rv[:, None]))
+        return updates
+
+    def compute_update(self, request: EditRequest, target: EditTarget) -> RankOneUpdate:
         """Compute the rank-one update of ``target`` for ``request`` on the model as it is now.
 
         The model is not modified.
@@ -402,7 +225,7 @@ class ROMEEditor:
                     templates_prepended_bare=self.templates_prepended_bare,
                     stats_fingerprint=self.stats_for(target).fingerprint() if self.config.mom2_adjustment else None,
                     timings=timings)
-        return RankOneUpdate(target=target, u=u, v=rv, key=key, value=v_star, info=info)
+        return RankOneUpdate(target=target, u=u, rv=rv, key=key, value=v_star, info=info)
 
     def _guard_diagnostics(self, module: nn.Module, target: EditTarget, u: torch.Tensor, rv: torch.Tensor,
                            key: torch.Tensor, k_mean: torch.Tensor) -> dict[str, float]:
@@ -436,17 +259,10 @@ class ROMEEditor:
             with only_positions(head, rows, last):
                 return self.model(**batch).logits[0].float().log_softmax(-1)
 
-        def add_update(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0].float()
-            return (output.float() + (x @ u.to(x.device))[..., None] * rv.to(x.device)).to(output.dtype)
-
         with frozen_eval(self.model):
             before = next_token_logprobs()
-            handle = module.register_forward_hook(add_update)
-            try:
+            with add_low_rank(module, u[None], rv[:, None]):
                 after = next_token_logprobs()
-            finally:
-                handle.remove()
         return (before.exp() * (before - after)).sum(-1).mean().item()
 
     def _check_guard(self, request: EditRequest, diagnostics: dict[str, float]) -> None:

@@ -33,244 +33,30 @@ hf_edit stores a dense delta as a full-rank LoRA (B = identity, A = ΔW, ``lora_
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import numbers
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..adapters import LoraFactors
-from ..architecture import EditTarget, base_layer, num_layers, resolve_target, unwrap_model
-from ..errors import ConfigError, InvalidRequestError, OptimizationError
-from ..hooks import frozen_eval, only_positions
-from ..requests import EditRequest, as_requests
-from ..tokens import pad_batch, pad_token_id, target_ids
+from ...adapters import LoraFactors
+from ...architecture import EditTarget, base_layer, unwrap_model
+from ...errors import ConfigError, InvalidRequestError, OptimizationError
+from ...hooks import frozen_eval, only_positions
+from ...requests import EditRequest, as_requests
+from ...tokens import pad_batch, pad_token_id, target_ids
+from ..base import EditContext, Editor, Update
+from .config import FTConfig, FTLoss
 
-__all__ = ["FTConfig", "FT_PRESETS", "FTL_PRESETS", "ft_preset_for", "DenseUpdate", "FTEditor", "ft_loss",
-           "prompt_last_loss", "autoregressive_loss"]
+__all__ = ["DenseUpdate", "FTEditor", "ft_loss", "prompt_last_loss", "autoregressive_loss"]
 
 logger = logging.getLogger(__name__)
-
-FTLoss = Literal["prompt_last", "autoregressive"]
-
-#: Reference hyperparameter keys naming modules that hf_edit finds by itself; accepted and ignored.
-_REFERENCE_ONLY_KEYS = {"layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
-                        "lm_head_module"}
-
-#: Layer of FT+L when neither ``layers`` nor a preset is given: every shipped FT+L config edits layer 0.
-DEFAULT_FTL_LAYER = 0
-#: ε of FT+L on a model without a preset (the gpt2-xl value).
-DEFAULT_FTL_EPSILON = 5e-4
-
-
-def _default_layer(n_layers: int, constrained: bool) -> int:
-    """The documented default layer: 0 for FT+L (all shipped FT+L configs), ``n // 3`` for FT.
-
-    The shipped unconstrained choices disagree (gpt2-xl: layer 1 of 48, GPT-J: 21 of 28), so for FT hf_edit
-    uses the same rule as ROME's default, the early-middle MLP where causal tracing locates factual recall.
-    """
-    return DEFAULT_FTL_LAYER if constrained else n_layers // 3
-
-
-def _parse_norm_constraint(value: Any, *, reference: bool) -> float | None:
-    """``norm_constraint`` as ε or ``None``.
-
-    ``None``/``False`` mean no constraint.  With ``reference=True`` (values from a reference JSON file) an
-    integer or ``True`` also means no constraint, as in the reference's ``type(x) is float`` test, with a
-    warning.
-    """
-    if value is None or value is False:
-        return None
-    if isinstance(value, numbers.Integral):  # includes True
-        if reference:
-            logger.warning(
-                "norm_constraint=%r is not a float: the reference implementation treats it as "
-                "'no constraint' (type(x) is float), and so does FTConfig.from_dict. Write %r for an "
-                "L-infinity constraint.",
-                value, float(value))
-            return None
-        raise ConfigError(
-            f"norm_constraint must be a float ε > 0 (FT+L) or None/False (FT), got {type(value).__name__} "
-            f"{value!r}. The reference ignores non-float values; write {float(value)!r} for a constraint or "
-            "None for none.")
-    if not isinstance(value, numbers.Real):
-        raise ConfigError(f"norm_constraint must be a float ε > 0 or None, got {value!r}.")
-    value = float(value)
-    if not value > 0:  # written so that NaN fails too
-        raise ConfigError(f"norm_constraint ε must be positive, got {value}. Use None for unconstrained FT.")
-    return value
-
-
-@dataclass(frozen=True)
-class FTConfig:
-    """Hyperparameters of FT / FT+L, with the reference implementation's names and defaults.
-
-    Args:
-        layers: decoder layer(s) whose projection is trained (0-based; all jointly).  ``None``: the preset for
-            the model id (``model.config.name_or_path``) if there is one, else layer 0 for FT+L
-            (``norm_constraint`` set; every shipped FT+L config) and ``num_hidden_layers // 3`` for FT (as
-            ROME's default).
-        rewrite_module_tmp: module path with ``{}`` for the layer (e.g. ``"transformer.h.{}.attn.c_attn"``);
-            any ``nn.Linear`` or ``Conv1D``.  Default: the MLP output projection found by architecture
-            discovery.
-        lr: Adam learning rate.
-        num_steps: number of epochs over the requests.
-        batch_size: requests per optimiser step (chunks, in order).
-        norm_constraint: ε of FT+L: after every chunk each trained tensor is clamped element-wise to
-            [w₀ − ε, w₀ + ε].  ``None`` or ``False``: unconstrained FT.  Must be a float > 0;
-            :meth:`from_dict` follows the reference and treats an integer as "no constraint" (with a warning).
-        weight_decay: Adam's (coupled, L2) weight decay.
-        loss: ``"prompt_last"`` (reference: every target token scored at the prompt's last position) or
-            ``"autoregressive"`` (hf_edit's option, not the paper's: teacher-forced next-token NLL over the
-            target).
-        early_stop_loss: skip the step of a chunk whose loss is below this; stop after an epoch whose mean
-            loss is below it (hard-coded 1e-2 in the reference).
-        kl_factor: present in the reference's files but unused there; must be 0.
-    """
-
-    layers: tuple[int, ...] | None = None
-    rewrite_module_tmp: str | None = None
-    lr: float = 5e-4
-    num_steps: int = 25
-    batch_size: int = 128
-    norm_constraint: float | None = None
-    weight_decay: float = 0.0
-    loss: FTLoss = "prompt_last"
-    early_stop_loss: float = 1e-2
-    kl_factor: float = 0.0
-
-    def __post_init__(self) -> None:
-        layers = self.layers
-        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
-            layers = (int(layers),)
-        elif layers is not None:
-            if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-                raise ConfigError(f"layers must be an int or a sequence of ints, got {layers!r}.")
-            layers = tuple(layers)
-            if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in layers):
-                raise ConfigError(f"layers must be integers, got {layers!r}.")
-            layers = tuple(int(x) for x in layers)
-        object.__setattr__(self, "layers", layers)
-        norm_constraint = _parse_norm_constraint(self.norm_constraint, reference=False)
-        object.__setattr__(self, "norm_constraint", norm_constraint)
-        self._validate()
-
-    def _validate(self) -> None:
-        if self.layers is not None and len(self.layers) == 0:
-            raise ConfigError("layers is empty.")
-        if self.loss not in ("prompt_last", "autoregressive"):
-            raise ConfigError(f"loss must be 'prompt_last' or 'autoregressive', got {self.loss!r}.")
-        for name in ("num_steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-        if not (isinstance(self.lr, numbers.Real) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}.")
-        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be non-negative, got {self.weight_decay!r}.")
-        if not isinstance(self.early_stop_loss, numbers.Real) or math.isnan(self.early_stop_loss):
-            raise ConfigError(f"early_stop_loss must be a number, got {self.early_stop_loss!r}.")
-        if self.kl_factor != 0:
-            raise ConfigError(f"kl_factor={self.kl_factor!r}: the reference's FT has no KL term; only 0 "
-                              "is accepted (the key exists so that the reference's files load).")
-        if self.rewrite_module_tmp is not None and not isinstance(self.rewrite_module_tmp, str):
-            raise ConfigError(f"rewrite_module_tmp must be a string, got {self.rewrite_module_tmp!r}.")
-
-    @property
-    def constrained(self) -> bool:
-        """``True`` for FT+L (an ε is set)."""
-        return self.norm_constraint is not None
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> FTConfig:
-        """Build from a dict, e.g. the reference's ``hparams/FT/*.json`` (its module-path keys other than
-        ``rewrite_module_tmp`` are ignored; ``wd_power_law`` of kmeng01/memit is not supported)."""
-        values = dict(values)
-        if "wd_power_law" in values:
-            raise ConfigError(
-                "wd_power_law (kmeng01/memit's GPT-J_wd: weight decay scaled with the number of edits) is "
-                "not supported; set weight_decay explicitly instead.")
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known - _REFERENCE_ONLY_KEYS
-        if unknown:
-            raise ConfigError(f"Unknown FT hyperparameters: {sorted(unknown)}.")
-        if "norm_constraint" in values:
-            values["norm_constraint"] = _parse_norm_constraint(values["norm_constraint"], reference=True)
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> FTConfig:
-        """Load a JSON hyperparameter file (hf_edit's or the reference's)."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict that :meth:`from_dict` reads back."""
-        return json.loads(json.dumps(asdict(self)))
-
-    def resolved_for(self, model: nn.Module) -> FTConfig:
-        """This config with ``layers`` filled in: the preset for the model's id, else the default rule."""
-        if self.layers is not None:
-            return self
-        inner = unwrap_model(model)
-        model_id = getattr(inner.config, "name_or_path", None) or getattr(inner.config, "_name_or_path", None)
-        preset = _lookup(FTL_PRESETS if self.constrained else FT_PRESETS, model_id)
-        if preset is not None:
-            return replace(self, layers=tuple(preset["layers"]))
-        return replace(self, layers=(_default_layer(num_layers(inner), self.constrained),))
-
-
-#: Shipped FT+L configs of the reference (kmeng01/rome ``hparams/FT/*_constr.json``): lr 5e-4, 25 epochs.
-FTL_PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-medium": dict(layers=(0,), norm_constraint=2e-3),
-    "gpt2-large": dict(layers=(0,), norm_constraint=1e-3),
-    "gpt2-xl": dict(layers=(0,), norm_constraint=5e-4),
-    "EleutherAI/gpt-j-6B": dict(layers=(0,), norm_constraint=5e-5),
-}
-
-#: Unconstrained FT (kmeng01/rome ``hparams/FT/*_unconstr.json``): lr 5e-4, 25 epochs.  The reference ships no
-#: unconstrained file for gpt2-medium/large: hf_edit uses gpt2-xl's layer 1.  Scaled by depth (1 of 48 layers)
-#: it rounds to layer 0 or 1 of 24/36; layer 1 is kept so that FT stays one block above FT+L's layer 0.
-FT_PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-medium": dict(layers=(1,)),
-    "gpt2-large": dict(layers=(1,)),
-    "gpt2-xl": dict(layers=(1,)),
-    "EleutherAI/gpt-j-6B": dict(layers=(21,)),
-}
-
-
-def _lookup(presets: Mapping[str, dict[str, Any]], model_id: str | None) -> dict[str, Any] | None:
-    if not model_id:
-        return None
-    lowered = str(model_id).lower().rstrip("/")
-    for name, values in presets.items():
-        if lowered == name.lower() or lowered.endswith("/" + name.lower().split("/")[-1]):
-            return values
-    return None
-
-
-def ft_preset_for(model_id: str | None, constrained: bool) -> FTConfig:
-    """The shipped config for a model id (``"gpt2-xl"``, ``"openai-community/gpt2-xl"``, ...).
-
-    ``constrained=False`` is method ``"ft"``, ``True`` is ``"ft+l"``.  Unknown models: FT gets the defaults
-    with ``layers=None`` (resolved to ``num_hidden_layers // 3``); FT+L gets layer 0 and ε = 5e-4 (the gpt2-xl
-    value).
-    """
-    preset = _lookup(FTL_PRESETS if constrained else FT_PRESETS, model_id)
-    if preset is not None:
-        return FTConfig(**preset)
-    if constrained:
-        return FTConfig(layers=(DEFAULT_FTL_LAYER,), norm_constraint=DEFAULT_FTL_EPSILON)
-    return FTConfig()
-
 
 @dataclass
 class DenseUpdate:
@@ -306,6 +92,10 @@ class DenseUpdate:
     def module_delta_weight(self) -> torch.Tensor:
         """ΔW in the module's own weight layout ((in, out) for Conv1D, (out, in) for Linear)."""
         return self.delta_weight.T if self.target.is_conv1d else self.delta_weight
+
+
+def _factor_fields(factors: LoraFactors) -> dict[str, Any]:
+    return {"A": factors.A, "B": factors.B, "bias": factors.bias}
 
 
 # -- the loss ------------------------------------------------------------------------------------------------
@@ -430,46 +220,34 @@ class _Trained:
         self.param.grad = self.original_grad
 
 
-class FTEditor:
-    """Computes FT / FT+L updates for one model.
+class FTEditor(Editor):
+    """Computes FT / FT+L updates: all requests of one call are trained jointly (as the reference does).
 
-    Args:
-        model: the causal LM as edited so far (edits active), possibly a ``PeftModel`` whose target module is
-            a LoRA wrapper: then the wrapped base layer's weight and bias are trained with the adapters
-            active.
-        tokenizer: its tokenizer.
-        config: the FT hyperparameters (``layers`` resolved with :meth:`FTConfig.resolved_for`).
-        progress: show a progress bar over epochs.
+    The model may be a ``PeftModel`` whose target module is a LoRA wrapper: then the wrapped base layer's weight
+    and bias are trained with the adapters active.  Each call's updates are dense and get an adapter of their own.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: FTConfig, *,
-                 progress: bool = False) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config.resolved_for(model)
-        self.progress = progress
+    config_class = FTConfig
+    joint = True
 
-    def targets(self) -> list[EditTarget]:
-        """The modules this config trains, in ascending layer order (a module named twice is trained once).
-
-        Raises:
-            LayerOutOfRangeError: a layer does not exist.
-            ConfigError: a named module does not exist or is not an ``nn.Linear``/``Conv1D``.
-        """
-        found: dict[str, EditTarget] = {}
-        n = num_layers(unwrap_model(self.model))
-        for layer in sorted(self.config.layers, key=lambda x: x + n if x < 0 else x):
-            target = resolve_target(self.model, layer, self.config.rewrite_module_tmp)
-            found.setdefault(target.name, target)
-        return list(found.values())
+    def __init__(self, config: FTConfig, context: EditContext) -> None:
+        super().__init__(config, context)
+        self.progress = context.progress
 
     def validate(self, request: EditRequest) -> None:
-        """Fail fast, before any computation, if the request does not fit the tokenizer."""
-        target_ids(self.tokenizer, request.target_new)
+        """Fail fast, before any computation, if the request does not fit the tokenizer or the model."""
+        super().validate(request)
         if not self.tokenizer(request.filled_prompt)["input_ids"]:
             raise InvalidRequestError(f"The prompt {request.filled_prompt!r} tokenises to nothing.")
 
-    def compute(self, requests: EditRequest | Iterable[Any]) -> list[DenseUpdate]:
+    def compute(self, requests: Sequence[EditRequest]) -> list[Update]:
+        """Train jointly on ``requests``; one dense :class:`~hf_edit.methods.Update` per trained module
+        (B = identity, A = ΔW, bias = Δb), each in an adapter of its own (not stackable)."""
+        requests = as_requests(requests)
+        return [Update(module=u.target.name, **_factor_fields(u.factors()), requests=tuple(requests),
+                       layer=u.target.layer, info=u.info, stackable=False) for u in self.compute_dense(requests)]
+
+    def compute_dense(self, requests: EditRequest | Iterable[Any]) -> list[DenseUpdate]:
         """Train the target modules jointly on all ``requests``; one :class:`DenseUpdate` per target module.
 
         The model is not modified: its trained tensors are restored bit for bit, and the ``requires_grad``

@@ -1,0 +1,383 @@
+"""Batched optimisation of target values: MEMIT's ``compute_z``, and ROME's ``compute_v`` for many requests at once.
+
+A *value problem* is one request (or several that share a key, see MEMIT-Merge): rewriting rows (a context
+template, the prompt and the target without its last token), the position in each row where δ is added, the
+target tokens of each row, and the KL rows ("<subject> is a").  For each problem a vector δ is added to the output
+of one module at those positions and optimised with Adam, exactly as the reference optimises one request:
+
+* loss = NLL + KL + WD, with NLL the mean over rows of the per-token mean target NLL, KL = ``kl_factor`` ·
+  KL(P_δ ‖ P_0) of the next-token distribution at each KL row's position (P_0 recorded at the first step), WD =
+  ``weight_decay`` · ‖δ‖ / ‖h‖², h the module's output at the first row's position before δ is added;
+* stop when the loss is below ``early_stop_loss`` or at the last step, both before stepping (so at most
+  ``num_steps − 1`` Adam steps);
+* after every step, clamp ‖δ‖ to ``clamp_norm_factor`` · ‖h‖.
+
+:func:`optimise_values` does this for many problems in one batched forward and backward pass per step: every
+problem has its own δ row, its own Adam state (one parameter tensor each, so a problem that has stopped gets no
+update at all, not even from momentum), its own clamp and its own early stop; the rows of finished problems leave
+the batch.  The result equals optimising each problem alone (up to floating-point summation order; tested to 1e-5).
+``chunk_size`` bounds how many problems share a batch.
+
+Two users:
+
+* **MEMIT / EMMET / AlphaEdit** (``compute_z``): δ on the output of the decoder block of the last edited layer
+  (the residual stream), at the subject's last token; ``frozen`` = the blocks up to and including that one (their
+  outputs do not depend on δ, so they run once per batch composition); z = h + δ.
+* **ROME** (``compute_v``), e.g. for independent v* optimisations of many requests in a single-edit evaluation::
+
+      problems = [ValueProblem.build(tokenizer, [request], templates, "subject_last") for request in requests]
+      results = optimise_values(model, c_proj, problems,
+                                ValueSettings(num_steps=20, lr=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
+                                              weight_decay=0.5), pad_id=pad_token_id(tokenizer),
+                                frozen=decoder_layers[:edit_layer])
+      v_star = [r.value for r in results]   # MLP output + δ at the subject's last token
+
+  ``c_proj`` is the MLP output projection of the edited layer (ROME adds δ to its output), ``templates`` ROME's
+  flat list of 21; the layers below the edited one are frozen.  ROME then turns v* into its rank-one update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import OptimizationError
+from ...hooks import as_batch_seq, only_positions, replay_outputs
+from ...requests import EditRequest
+from ...tokens import encode_with_subject, pad_batch, target_ids
+from .keys import encode_templated, fact_position
+
+__all__ = ["LogitLens", "ValueProblem", "ValueResult", "ValueSettings", "optimise_values"]
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """How δ is optimised (the reference's names in brackets).
+
+    Attributes:
+        num_steps: forward passes per problem (``v_num_grad_steps``); at most ``num_steps − 1`` Adam steps.
+        lr: Adam learning rate (``v_lr``).
+        clamp_norm_factor: ‖δ‖ ≤ clamp_norm_factor · ‖h‖ after every step.
+        kl_factor: weight of the KL term.
+        weight_decay: weight of ‖δ‖ / ‖h‖² (``v_weight_decay``).
+        early_stop_loss: stop a problem once its loss is below this.
+    """
+
+    num_steps: int = 20
+    lr: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    early_stop_loss: float = 5e-2
+
+
+@dataclass(frozen=True)
+class ValueProblem:
+    """The rows of one δ.
+
+    Attributes:
+        rows: rewriting rows: context ids followed by the target's ids without the last one.
+        positions: where δ is added in each rewriting row.
+        targets: each row's target ids; the row's last ``len(targets[r])`` positions predict them.
+        kl_rows: rows of the KL term (ids); δ is added at ``kl_positions`` and the distribution read there.
+        kl_positions: one position per KL row.
+        label: a name for messages (e.g. the subject).
+    """
+
+    rows: tuple[tuple[int, ...], ...]
+    positions: tuple[int, ...]
+    targets: tuple[tuple[int, ...], ...]
+    kl_rows: tuple[tuple[int, ...], ...] = ()
+    kl_positions: tuple[int, ...] = ()
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.rows or len(self.rows) != len(self.positions) or len(self.rows) != len(self.targets):
+            raise ValueError("A ValueProblem needs at least one row, and one position and target per row.")
+        if len(self.kl_rows) != len(self.kl_positions):
+            raise ValueError("A ValueProblem needs one position per KL row.")
+        for row, target in zip(self.rows, self.targets):
+            if not target or len(row) < len(target):
+                raise ValueError("Every rewriting row must end with its target's ids but the last one.")
+
+    @classmethod
+    def build(cls, tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str],
+              fact_token: str = "subject_last") -> ValueProblem:
+        """The reference's rows for ``requests`` (normally one; several that share a subject for MEMIT-Merge):
+        every template with every request's prompt and target, and one KL row ``"<subject> is a"`` (the first
+        request's subject).  δ goes at the fact token of each row."""
+        rows, positions, targets = [], [], []
+        for request in requests:
+            target = target_ids(tokenizer, request.target_new)
+            for template in templates:
+                encoded = encode_templated(tokenizer, template, request)
+                rows.append(tuple(encoded.ids + target[:-1]))
+                positions.append(fact_position(encoded, fact_token))
+                targets.append(tuple(target))
+        kl = encode_with_subject(tokenizer, "", requests[0].subject, " is a")
+        return cls(rows=tuple(rows), positions=tuple(positions), targets=tuple(targets), kl_rows=(tuple(kl.ids),),
+                   kl_positions=(fact_position(kl, fact_token),), label=requests[0].subject)
+
+
+@dataclass
+class ValueResult:
+    """The optimised δ of one problem.
+
+    Attributes:
+        delta: δ, (width,), float32.
+        init: h, the module's output at the first row's position before δ, (width,), float32.
+        info: steps (forward passes), loss, nll, kl, weight_decay, target_probability (e^−NLL), clamped (whether
+            any step was clamped), norm_delta, norm_init, clamp_ratio (‖δ‖ / (clamp_norm_factor · ‖h‖): 1 means
+            the δ ended on the clamp's sphere).
+    """
+
+    delta: torch.Tensor
+    init: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """h + δ (MEMIT's z, ROME's v*)."""
+        return self.init + self.delta
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """Read the target NLL from an intermediate block's output instead of the model's logits: log-softmax of
+    ``head(norm(block output))`` (the reference's ``v_loss_layer`` when it is not the last layer)."""
+
+    block: nn.Module
+    norm: nn.Module
+    head: nn.Module
+
+
+def _hidden(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index]
+
+
+def _with_hidden(output: object, hidden: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+class _Layout:
+    """The batch of the active problems: ids, where δ goes, which logits are read, and how they map back."""
+
+    def __init__(self, problems: Sequence[ValueProblem], active: Sequence[int], pad_id: int,
+                 device: torch.device) -> None:
+        rewrite, kl = [], []
+        for local, p in enumerate(active):
+            problem = problems[p]
+            rewrite += [(local, row, pos, tgt) for row, pos, tgt in
+                        zip(problem.rows, problem.positions, problem.targets)]
+            kl += [(local, row, pos) for row, pos in zip(problem.kl_rows, problem.kl_positions)]
+        ids = [r[1] for r in rewrite] + [k[1] for k in kl]
+        self.inputs = pad_batch(ids, pad_id, device)
+        self.shape = tuple(self.inputs["input_ids"].shape)
+        self.n_active = len(active)
+        self.n_rewrite = len(rewrite)
+        self.row_problem = torch.tensor([r[0] for r in rewrite] + [k[0] for k in kl], device=device)
+        self.row_positions = torch.tensor([r[2] for r in rewrite] + [k[2] for k in kl], device=device)
+        self.rows = torch.arange(len(ids), device=device)
+        first_row = {}
+        for index, (local, *_rest) in enumerate(rewrite):
+            first_row.setdefault(local, index)
+        self.init_rows = torch.tensor([first_row[i] for i in range(len(active))], device=device)
+        label_rows, label_pos, label_ids = [], [], []
+        for index, (_local, row, _pos, target) in enumerate(rewrite):
+            start = len(row) - len(target) + 1  # the row holds target[:-1]; position start-1+i predicts target[i]
+            for i, token in enumerate(target):
+                label_rows.append(index)
+                label_pos.append(start - 1 + i)
+                label_ids.append(token)
+        self.label_rows = torch.tensor(label_rows, device=device)
+        self.label_positions = torch.tensor(label_pos, device=device)
+        self.label_ids = torch.tensor(label_ids, device=device)
+        self.row_lengths = torch.tensor([len(r[3]) for r in rewrite], dtype=torch.float32, device=device)
+        self.rewrite_problem = self.row_problem[:self.n_rewrite]
+        self.rows_per_problem = torch.bincount(self.rewrite_problem, minlength=len(active)).float()
+        self.kl_rows = torch.arange(self.n_rewrite, len(ids), device=device)
+        self.kl_positions = self.row_positions[self.n_rewrite:]
+        self.kl_problem = self.row_problem[self.n_rewrite:]
+        self.kl_per_problem = torch.bincount(self.kl_problem, minlength=len(active)).float()
+
+
+def optimise_values(model: nn.Module, module: nn.Module, problems: Sequence[ValueProblem],
+                    settings: ValueSettings, *, pad_id: int, chunk_size: int | None = None,
+                    frozen: Sequence[nn.Module] = (), lens: LogitLens | None = None) -> list[ValueResult]:
+    """Optimise one δ per problem, added to ``module``'s output at the problems' positions (see the module doc).
+
+    The model's parameters must not require gradients (use :func:`hf_edit.hooks.frozen_eval`).
+
+    Args:
+        model: the causal LM (as it is now: adapters and temporary hooks active).
+        module: the module whose output (a tensor, or a tuple whose first element is the hidden states) gets δ.
+        problems: one per δ.
+        settings: the optimisation's hyperparameters.
+        pad_id: padding id (right padding).
+        chunk_size: problems optimised together (``None``: all).
+        frozen: modules whose outputs do not depend on δ (e.g. the decoder layers up to ``module``'s); each runs
+            once per batch composition and is replayed at later steps.
+        lens: read the NLL through a logit lens at an intermediate layer instead of the model's logits.
+
+    Raises:
+        OptimizationError: a problem's loss became NaN or infinite (its label names it).
+    """
+    size = len(problems) if not chunk_size else max(1, int(chunk_size))
+    results: list[ValueResult] = []
+    for start in range(0, len(problems), size):
+        results += _optimise_chunk(model, module, problems[start:start + size], settings, pad_id=pad_id,
+                                   frozen=frozen, lens=lens)
+    return results
+
+
+def _optimise_chunk(model: nn.Module, module: nn.Module, problems: Sequence[ValueProblem], settings: ValueSettings,
+                    *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None) -> list[ValueResult]:
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    n = len(problems)
+    state = _State(n, device)
+    log_p0: list[torch.Tensor | None] = [None] * n
+    steps, clamped = [0] * n, [False] * n
+    final: dict[int, dict[str, float]] = {}
+    active = list(range(n))
+    layout: _Layout | None = None
+    optimiser: torch.optim.Adam | None = None
+    with ExitStack() as replay:
+        for it in range(settings.num_steps):
+            if not active:
+                break
+            if layout is None:  # a new batch composition: rebuild it and restart the replay of frozen modules
+                replay.close()
+                layout = _Layout(problems, active, pad_id, device)
+                replay.enter_context(replay_outputs(frozen))
+            nll, kl_logp = _forward(model, module, head, lens, layout, state, active)
+            if optimiser is None:
+                optimiser = torch.optim.Adam(state.deltas, lr=settings.lr)
+            kl = torch.zeros(layout.n_active, device=device)
+            if kl_logp.shape[0]:
+                for local, p in enumerate(active):
+                    if log_p0[p] is None:
+                        log_p0[p] = kl_logp[layout.kl_problem == local].detach()
+                p0 = torch.cat([log_p0[p] for p in active])
+                per_row = (kl_logp.exp() * (kl_logp - p0)).sum(-1)
+                kl = kl.index_add(0, layout.kl_problem, per_row) / layout.kl_per_problem.clamp_min(1)
+                kl = settings.kl_factor * kl
+            init_norm = state.inits[active].norm(dim=1)
+            norms = torch.stack([state.deltas[p] for p in active]).norm(dim=1)
+            weight_decay = settings.weight_decay * norms / init_norm ** 2
+            total = nll + kl + weight_decay
+            values = total.detach().cpu()
+            for local, p in enumerate(active):
+                steps[p] += 1
+                if not torch.isfinite(values[local]):
+                    raise OptimizationError(
+                        f"The z optimisation for {problems[p].label!r} produced a non-finite loss at step {it}. "
+                        "Nothing was applied; try a smaller v_lr or check the model's precision.")
+            finished = {local for local in range(len(active))
+                        if values[local].item() < settings.early_stop_loss or it == settings.num_steps - 1}
+            for local in finished:
+                final[active[local]] = dict(loss=values[local].item(), nll=nll[local].item(), kl=kl[local].item(),
+                                            weight_decay=weight_decay[local].item())
+            going = [local for local in range(len(active)) if local not in finished]
+            if going:
+                chosen = [state.deltas[active[local]] for local in going]
+                grads = torch.autograd.grad(total[going].sum(), chosen)
+                for param in state.deltas:
+                    param.grad = None
+                for param, grad in zip(chosen, grads):
+                    param.grad = grad
+                optimiser.step()
+                with torch.no_grad():
+                    for local in going:
+                        p = active[local]
+                        max_norm = settings.clamp_norm_factor * init_norm[local]
+                        if state.deltas[p].norm() > max_norm:
+                            clamped[p] = True
+                            state.deltas[p].mul_(max_norm / state.deltas[p].norm())
+            if finished:
+                active = [active[local] for local in going]
+                layout = None
+    results = []
+    for p in range(n):
+        delta = state.deltas[p].detach().clone()
+        init = state.inits[p].detach().clone()
+        info = dict(final[p], steps=steps[p], clamped=clamped[p],
+                    target_probability=float(torch.exp(torch.tensor(-final[p]["nll"])).item()),
+                    norm_delta=delta.norm().item(), norm_init=init.norm().item(),
+                    clamp_ratio=(delta.norm() / (settings.clamp_norm_factor * init.norm())).item())
+        results.append(ValueResult(delta=delta, init=init, info=info))
+    return results
+
+
+class _State:
+    """The δ parameters (created at the first forward pass, when the width is known) and the h of each problem."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.n, self.device = n, device
+        self.deltas: list[torch.Tensor] = []
+        self.inits: torch.Tensor | None = None
+
+    def start(self, inits: torch.Tensor) -> None:
+        self.inits = inits.detach().float()
+        self.deltas = [torch.zeros(inits.shape[1], dtype=torch.float32, device=self.device, requires_grad=True)
+                       for _ in range(self.n)]
+
+
+def _forward(model: nn.Module, module: nn.Module, head: nn.Module, lens: LogitLens | None, layout: _Layout,
+             state: _State, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batched forward pass with δ added at every row's position.
+
+    Returns the NLL of each active problem and the log-probabilities at the KL rows.  At the first pass (all
+    problems active) h is recorded before δ (then zero) is added, and the δ parameters are created.
+    """
+    shape = layout.shape
+
+    def add_delta(_module: nn.Module, _args: tuple, output: object) -> object:
+        hidden = _hidden(output)
+        h = as_batch_seq(hidden, shape)
+        if state.inits is None:
+            state.start(h[layout.init_rows, layout.row_positions[layout.init_rows]])
+        per_row = torch.stack([state.deltas[p] for p in active])[layout.row_problem]
+        update = torch.zeros_like(h)
+        update[layout.rows, layout.row_positions] = per_row.to(h.dtype)
+        return _with_hidden(output, (h + update).reshape(hidden.shape))
+
+    lens_out: dict[str, torch.Tensor] = {}
+
+    def read_lens(_module: nn.Module, _args: tuple, output: object) -> None:
+        h = as_batch_seq(_hidden(output), shape)
+        lens_out["h"] = h[layout.label_rows, layout.label_positions]
+
+    handles = [module.register_forward_hook(add_delta)]
+    if lens is not None:
+        handles.append(lens.block.register_forward_hook(read_lens))
+        head_rows, head_positions = layout.kl_rows, layout.kl_positions
+    else:
+        head_rows = torch.cat([layout.label_rows, layout.kl_rows])
+        head_positions = torch.cat([layout.label_positions, layout.kl_positions])
+    try:
+        with only_positions(head, head_rows, head_positions):
+            logits = model(**layout.inputs, use_cache=False).logits[0].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if lens is not None:
+        label_logits = lens.head(lens.norm(lens_out["h"][None]))[0].float()
+        kl_logits = logits
+    else:
+        n_labels = layout.label_rows.shape[0]
+        label_logits, kl_logits = logits[:n_labels], logits[n_labels:]
+    token_logp = torch.log_softmax(label_logits, dim=-1).gather(-1, layout.label_ids[:, None])[:, 0]
+    row_nll = -torch.zeros(layout.n_rewrite, device=token_logp.device).index_add(0, layout.label_rows, token_logp)
+    row_nll = row_nll / layout.row_lengths
+    nll = torch.zeros(layout.n_active, device=row_nll.device).index_add(0, layout.rewrite_problem, row_nll)
+    return nll / layout.rows_per_problem, torch.log_softmax(kl_logits, dim=-1)

@@ -1,0 +1,33 @@
+"""Second-moment statistics C = E[k kᵀ] of the edited projection's input (rome-spec §5).
+
+- :mod:`~hf_edit.stats.second_moment`: :class:`SecondMomentStats` and its file formats (safetensors cache files,
+  the reference's ``.npz`` files).
+- :mod:`~hf_edit.stats.compute`: computing C faithfully to the reference, and the content-addressed cache
+  (:func:`load_or_compute_stats`, :func:`stats_cache_dir`).
+- :mod:`~hf_edit.stats.fingerprint`: what identifies the model and tokenizer in a cache key.
+- :mod:`~hf_edit.stats.texts`: the text data sets statistics are computed over.
+- :mod:`~hf_edit.stats.distributed`: sharing the computation among the processes of ``accelerate launch``.
+"""
+
+from ..files import file_sha256, looks_like_local_path
+from .compute import compute_second_moment, load_or_compute_stats, stats_cache_dir
+from .distributed import init_distributed
+from .fingerprint import model_fingerprint, tokenizer_fingerprint
+from .second_moment import CACHE_FORMAT, REFERENCE_CONSTRUCTOR, SecondMomentStats
+from .texts import DATASET_ALIASES, text_dataset
+
+__all__ = [
+    "CACHE_FORMAT",
+    "DATASET_ALIASES",
+    "REFERENCE_CONSTRUCTOR",
+    "SecondMomentStats",
+    "compute_second_moment",
+    "file_sha256",
+    "init_distributed",
+    "load_or_compute_stats",
+    "looks_like_local_path",
+    "model_fingerprint",
+    "stats_cache_dir",
+    "text_dataset",
+    "tokenizer_fingerprint",
+]
