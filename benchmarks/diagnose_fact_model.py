@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,146 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_early_stop": {"early_stop_loss": 0.0},
     "layer0_steps60": {"layers": (0,), "v_num_grad_steps": 60},
     "layer0_consistent_steps60": {"layers": (0,), "key_mode": "consistent", "v_num_grad_steps": 60},
+    "through": {"through": True},
+    "through_layer0": {"through": True, "layers": (0,)},
+    "through_layer1": {"through": True, "layers": (1,)},
+    "preserve_layer0": {"preserve": 10.0, "layers": (0,)},
+    "preserve_through_layer0": {"preserve": 10.0, "through": True, "layers": (0,)},
+    "preserve_layer0_steps100": {"preserve": 10.0, "layers": (0,), "v_num_grad_steps": 100},
+    "preserve_layer0_lr1_clamp10_steps60": {"preserve": 10.0, "layers": (0,), "v_lr": 1.0, "clamp_norm_factor": 10.0,
+                                            "v_num_grad_steps": 60},
+    "preserve_layer1_clamp10_steps60": {"preserve": 10.0, "layers": (1,), "clamp_norm_factor": 10.0,
+                                        "v_num_grad_steps": 60},
+    "preserve_layer2_clamp10_steps60": {"preserve": 10.0, "clamp_norm_factor": 10.0, "v_num_grad_steps": 60},
 }
+
+
+# -- prototypes of editor changes (this process only) --------------------------------------------------------------
+# ROME optimises δ added at the subject's last token only, but the update ΔW = rv uᵀ it becomes adds
+# δ · (u·k_t)/(u·k) at *every* position t whose key k_t is not orthogonal to u ("spillover").  Two prototypes, each
+# a small change to ROME's editor, registered in this process only as ``method="rome-proto"`` to measure whether the
+# spillover is what limits the edits (everything else — templates, loss, clamp, closed form — is ROME's):
+#
+# * ``through=True``: optimise δ through the update it becomes, i.e. with the edited model's own output
+#   (δ · (u·k_t)/(u·k) added at every position of every templated prompt and of the KL prompt);
+# * ``preserve=λ``: choose u = (C + λ·K_o K_oᵀ/n_o)⁻¹ k̄, K_o the n_o keys of every *other* token of the templated
+#   prompts and of the KL prompt, so that the update leaves those tokens (the relation's words, which neighbouring
+#   facts share) nearly untouched: the update then does what v* assumed, at the subject's last token only.
+def _through_update(module, delta, positions, batch_shape, *, u, key, offset):
+    """Stands in for :func:`hf_edit.hooks.add_at_positions` inside ROME's v* loop: adds
+    ``(δ + offset) · (u·k_t)/(u·k)`` at every position t (k_t = the module's input there)."""
+    from contextlib import contextmanager
+
+    from hf_edit.hooks import as_batch_seq
+
+    @contextmanager
+    def block():
+        def hook(_module, args, output):
+            x = as_batch_seq(args[0], batch_shape).float()
+            scale = (x @ u.to(x.device)) / torch.dot(u, key).to(x.device)
+            out = as_batch_seq(output, batch_shape)
+            change = scale[..., None] * (delta + offset.to(delta.device))[None, None]
+            return (out + change.to(out.dtype)).reshape(output.shape)
+
+        with forward_hook(module, hook):
+            yield
+
+    return block()
+
+
+def register_prototype() -> type:
+    """Register ``method="rome-proto"`` (ROME plus the ``through`` and ``preserve`` options) in this process and
+    return its config class."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+    from unittest import mock
+
+    from hf_edit.hooks import frozen_eval
+    from hf_edit.methods import available_methods, get_method, register_method
+    from hf_edit.methods.rome import ROMEEditor
+    from hf_edit.methods.rome import editor as rome_editor
+
+    if "rome-proto" in available_methods():
+        return get_method("rome-proto").config_class
+
+    @dataclass(frozen=True)
+    class PrototypeROMEConfig(ROMEConfig):
+        """ROME with two prototype options.
+
+        Args:
+            through: optimise v* through the rank-one update it becomes (the edited model's own output).
+            preserve: λ ≥ 0; u = (C + λ·K_o K_oᵀ/n_o)⁻¹ k̄ with K_o the keys of the other tokens of the templated
+                prompts and of the KL prompt (0: ROME's u = C⁻¹k̄).
+        """
+
+        method: ClassVar[str] = "rome-proto"
+        label: ClassVar[str] = "ROME (prototype: through/preserve)"
+        through: bool = False
+        preserve: float = 0.0
+
+    class PrototypeROMEEditor(ROMEEditor):
+        config_class = PrototypeROMEConfig
+
+        def _other_keys(self, module, request) -> torch.Tensor:
+            """Keys of every token but the fact token of the templated prompts and the KL prompt."""
+            from hf_edit.hooks import capture as capture_io
+
+            contexts = [self._encode(template, request) for template in self.templates]
+            contexts.append(encode_with_subject(self.tokenizer, "", request.subject, " is a"))
+            device = next(self.model.parameters()).device
+            batch = pad_batch([c.ids for c in contexts], pad_token_id(self.tokenizer), device)
+            fact = self._positions(contexts)
+            with torch.no_grad(), frozen_eval(self.model), \
+                    capture_io(module, tuple(batch["input_ids"].shape)) as seen:
+                self.model(**batch)
+            rows = [seen.inputs[i, [t for t in range(len(c.ids)) if t != int(fact[i])]] for i, c in enumerate(contexts)]
+            return torch.cat(rows).double()
+
+        def compute_update(self, request, target):
+            module = unwrap_model(self.model).get_submodule(target.name)
+            cfg = self.config
+            with ExitStackCompat() as stack:
+                if cfg.preserve > 0:
+                    others = self._other_keys(module, request)
+                    extra = cfg.preserve * others.T @ others / len(others)
+                    stats = self.stats_for(target)
+                    matrix = stats.second_moment().double().to(others.device) + extra
+
+                    def left_vector(_target, k_mean, matrix=matrix):
+                        u = torch.linalg.solve(matrix, k_mean.double().to(matrix.device)).to(k_mean)
+                        return u / u.norm()
+
+                    stack.enter_context(mock.patch.object(self, "_left_vector", left_vector))
+                if cfg.through:
+                    contexts = [self._encode(template, request) for template in self.templates]
+                    with frozen_eval(self.model):
+                        keys, outputs = self._keys_and_outputs(module, contexts)
+                    k_mean = keys.mean(0)
+                    u = self._left_vector(target, k_mean)
+                    if cfg.key_mode == "original":
+                        key, offset = keys[0], torch.zeros_like(outputs[0])
+                    else:
+                        key, offset = k_mean, outputs[0] - outputs.mean(0)
+                    patched = lambda *a, **k: _through_update(*a, **k, u=u, key=key, offset=offset)  # noqa: E731
+                    stack.enter_context(mock.patch.object(rome_editor, "add_at_positions", patched))
+                return super().compute_update(request, target)
+
+    register_method(PrototypeROMEConfig, PrototypeROMEEditor)
+    return PrototypeROMEConfig
+
+
+def ExitStackCompat():  # noqa: N802 - a context manager factory
+    from contextlib import ExitStack
+
+    return ExitStack()
+
+
+def make_config(overrides: dict[str, Any]) -> ROMEConfig:
+    """The variant's config: ROME with :data:`STATS` and ``overrides`` (``through``/``preserve``: the
+    prototype)."""
+    if "through" in overrides or "preserve" in overrides:
+        return register_prototype()(**STATS, **overrides)
+    return ROMEConfig(**STATS, **overrides)
 
 
 def _split(prompt: str, subject: str) -> tuple[str, str] | None:
@@ -187,6 +327,13 @@ def diagnose_case(edited: EditedModel, config: ROMEConfig, case) -> dict[str, An
         record["reach_paraphrase"] = float(np.mean(reach))
         record["n_paraphrases_found"] = len(paraphrases)
     record["reach_bare"] = float(torch.dot(u, keys[0]) / torch.dot(u, key))
+    # Spillover on the rewrite prompt: the share of the update every other token receives.
+    with torch.no_grad(), capture(module, (1, len(bare.ids))) as seen_bare:
+        model(input_ids=torch.tensor([bare.ids], device=next(model.parameters()).device))
+    reach_all = (seen_bare.inputs[0].float() @ u) / torch.dot(u, key)
+    others = [i for i in range(len(bare.ids)) if not bare.subject_first <= i <= bare.subject_last]
+    record["reach_last"] = float(reach_all[-1]) if others else math.nan
+    record["reach_max_other"] = float(reach_all[others].abs().max()) if others else math.nan
     return record
 
 
@@ -209,7 +356,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["S"] = (0.0 if any(p <= 0 for p in parts) else 3 / sum(1 / p for p in parts)) if not any(
         math.isnan(p) for p in parts) else math.nan
     for key in ("clamped", "early_stopped", "v_steps", "nll", "target_probability", "relative_norm",
-                "key_alignment", "reach_paraphrase", "reach_bare", "p_new_value", "seconds", "norm_delta",
+                "key_alignment", "reach_paraphrase", "reach_bare", "reach_last", "reach_max_other", "p_new_value", "seconds", "norm_delta",
                 "norm_v_init", "weight_decay", "kl"):
         out[key] = mean(key)
     out["target_probability_median"] = float(np.median([r["target_probability"] for r in ok])) if ok else math.nan
@@ -226,9 +373,10 @@ def mean_bool(records: list[dict[str, Any]], predicate) -> float:
 COLUMNS = [("variant", None), ("ES", "{:.1f}"), ("PS", "{:.1f}"), ("NS", "{:.1f}"), ("S", "{:.1f}"),
            ("failed", "{:d}"), ("clamped", "{:.0%}"), ("early_stopped", "{:.0%}"), ("v_steps", "{:.1f}"),
            ("target_probability", "{:.2f}"), ("v_star_success", "{:.0f}"), ("ES_value", "{:.1f}"),
-           ("PS_value", "{:.1f}"), ("reach_paraphrase_median", "{:.2f}"), ("relative_norm", "{:.2f}"),
+           ("PS_value", "{:.1f}"), ("reach_paraphrase_median", "{:.2f}"), ("reach_last", "{:.2f}"),
+           ("reach_max_other", "{:.2f}"), ("relative_norm", "{:.2f}"),
            ("seconds", "{:.1f}")]
-HEADERS = {"target_probability": "p(v*)", "v_star_success": "p(v*)>.5 %", "reach_paraphrase_median": "reach(para)",
+HEADERS = {"reach_last": "reach(last)", "reach_max_other": "max reach(other)", "target_probability": "p(v*)", "v_star_success": "p(v*)>.5 %", "reach_paraphrase_median": "reach(para)",
            "relative_norm": "‖ΔW‖/‖W‖", "early_stopped": "early stop", "seconds": "s/edit", "v_steps": "steps"}
 
 
@@ -255,6 +403,7 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="add to the variants already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*did not take.*")  # the benchmark records it per case
 
     data = load_eval_data(COUNTERFACT, n=args.start + args.n)
     cases = data.cases[args.start:]
@@ -265,7 +414,7 @@ def main() -> None:
     overrides_all: dict[str, Any] = dict(previous.get("overrides", {}))
     for name in args.variants:
         overrides = VARIANTS[name]
-        config = ROMEConfig(**STATS, **overrides)
+        config = make_config(overrides)
         started = time.perf_counter()
         records = [diagnose_case(edited, config, case) for case in cases]
         summaries[name] = summarise(records)

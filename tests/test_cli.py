@@ -131,7 +131,7 @@ def test_ft_plus_l_from_the_command_line(base, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["edit", "--model", "{base}", "--prompt", "no placeholder", "--subject", "x", "--target", "y",
-      "--out", "{tmp}/o"], "does not occur in the prompt"),
+      "--out", "{tmp}/o"], "found 0 in 'no placeholder'"),  # --prompt follows EditRequest's rule: one {}
     (["edit", "--model", "{base}", "--prompt", "{} and {}", "--subject", "x", "--target", "y",
       "--out", "{tmp}/o"], "exactly one '{}'"),
     (["edit", "--model", "{base}", "--prompt", "{} is", "--out", "{tmp}/o"], "go together"),

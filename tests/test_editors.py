@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,13 +79,14 @@ def weights(network: EditorNetwork) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0,
+                        rtol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
 
 
-# -- matrices and artifact --------------------------------------------------------------------------------------------
+# -- matrices and artifact -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type,expected", [
     ("gpt2", ["mlp.c_fc", "mlp.c_proj"]),
     ("llama", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
@@ -144,7 +144,7 @@ def _random_factors(matrix):
                            torch.randn(6, matrix.out_features, generator=generator))
 
 
-# -- data ---------------------------------------------------------------------------------------------------------------
+# -- data ----------------------------------------------------------------------------------------------------------
 def test_training_data_excludes_evaluation_cases(cases, locality):
     evaluation = replace(cases, cases=cases.cases[:10])
     data = prepare_training_data(cases, locality=locality, exclude=evaluation, val_size=5)
@@ -162,7 +162,7 @@ def test_training_data_excludes_evaluation_cases(cases, locality):
     assert data.train[0].paraphrases and len(data.locality) == 40
 
 
-# -- training -----------------------------------------------------------------------------------------------------------
+# -- training ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["mend", "ke"])
 def test_training_lowers_the_loss_and_is_deterministic(kind, base_dir, tokenizer, cases, locality, tmp_path):
     network = {"rank": 16} if kind == "mend" else {"hidden_dim": 16, "condition_dim": 16, "lstm_hidden": 16}
@@ -218,6 +218,11 @@ def test_time_budget_and_best_selection(base_dir, tokenizer, cases, locality, tm
     assert result.stopped == "max_time" and result.steps == 1
     assert result.editor.training_info["selected"] == "best" and not (tmp_path / "out" / "best").exists()
     assert "val/loss" in result.editor.training_info["final_metrics"]
+    # a finished run continues from its last checkpoint (its best network was already moved to the folder)
+    more = train_editor("mend", load(base_dir), tokenizer, cases, output_dir=tmp_path / "out",
+                        config=replace(config, max_time_s=None, max_steps=2), locality_data=locality,
+                        resume_from="latest", progress=False)
+    assert more.steps == 2 and more.stopped == "max_steps" and more.editor.training_info["selected"] == "best"
 
 
 def test_cli_trains_an_editor_and_edits_with_it(base_dir, counterfact_path, locality, tmp_path, capsys):
@@ -241,7 +246,7 @@ def test_cli_trains_an_editor_and_edits_with_it(base_dir, counterfact_path, loca
                  "--locality", str(locality), "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
 
 
-# -- several processes --------------------------------------------------------------------------------------------------
+# -- several processes ---------------------------------------------------------------------------------------------
 _SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
@@ -263,14 +268,15 @@ if not dist.is_initialized() or dist.get_rank() == 0:
 @pytest.mark.slow
 def test_two_processes_give_the_weights_of_one(base_dir, counterfact_path, locality, tmp_path):
     """CPU training with 2 processes (gloo, launched like ``torchrun``) equals 1 process with the same effective
-    batch (4 edits per step: 2 × 2 accumulated vs 4 accumulated), to 1e-6 absolute on every weight.  Gradients are
-    all-reduced in another summation order, and the normalisation statistics are merged per process, so the
-    results agree up to float32 rounding, not bitwise."""
+    batch (4 edits per step: 2 × 2 accumulated vs 4 accumulated): every weight within 1e-6 + 1e-5·|w| (the
+    normalisation sums of squares, ~300, within 1e-5 relative).  Gradients are all-reduced in another summation
+    order and the statistics are merged per process, so the results agree up to float32 rounding, not bitwise."""
     config = quick(max_steps=3, n_loc=1).to_dict()
     script = tmp_path / "train.py"
     script.write_text(_SCRIPT.format(tests=str(TESTS), base=str(base_dir), config=json.dumps(config),
                                      data=str(counterfact_path), locality=str(locality)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -281,7 +287,7 @@ def test_two_processes_give_the_weights_of_one(base_dir, counterfact_path, local
     assert json.loads(two.stdout.strip().splitlines()[-1]) == {"steps": 3, "world": 2}
     a = weights(EditorNetwork.from_pretrained(tmp_path / "one"))
     b = weights(EditorNetwork.from_pretrained(tmp_path / "two"))
-    assert_same_weights(a, b, atol=1e-6)
+    assert_same_weights(a, b, atol=1e-6, rtol=1e-5)
     changed = max(float((a[k] - weights(EditorNetwork.create("mend", load(base_dir), config={"rank": 16}))[k]).abs()
                         .max()) for k in a if not k.endswith(("count", "_mean", "_m2")))
     assert changed > 1e-4  # the networks did train

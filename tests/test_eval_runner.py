@@ -128,10 +128,10 @@ def test_failed_edits_are_recorded_and_skipped(gpt2_tokenizer, cases, monkeypatc
     edited, original = _fresh(gpt2_tokenizer)
     real_edit = EditedModel.edit
 
-    def flaky(self, requests, method=None):
+    def flaky(self, requests, method=None, **kwargs):
         if getattr(requests, "case_id", None) == cases.cases[1].case_id:
             raise OptimizationError("NaN in the test")
-        return real_edit(self, requests, method)
+        return real_edit(self, requests, method, **kwargs)
 
     monkeypatch.setattr(EditedModel, "edit", flaky)
     result = evaluate_model(edited, cases, method=FT, protocol="sequential", progress=False)

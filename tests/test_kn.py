@@ -34,6 +34,10 @@ MESSI = EditRequest(prompt="{} plays the sport of", subject="Lionel Messi", targ
 STORY = EditRequest(prompt="{} went to the park to play with her", subject="Lily", target_new="cat",
                     target_true="ball")
 
+# KN's reference tokens ("Paris", not " Paris") seldom make the scored token the top prediction: hf_edit's post-edit
+# check warns about that, which is expected here
+pytestmark = pytest.mark.filterwarnings("ignore::hf_edit.errors.EditDidNotTakeWarning")
+
 # kmeng01/rome hparams/KN/gpt2-xl.json, verbatim
 REFERENCE_HPARAMS = {"lr_scale": 1.0, "n_toks": 10, "model_name": "gpt2-xl", "refine": False, "batch_size": 20,
                      "steps": 20, "adaptive_threshold": 0.2, "p": 0.4}

@@ -19,7 +19,6 @@ from hf_edit.editors import (
     EditorMismatchError,
     EditorNetwork,
     EditorNetworkError,
-    GradientFactors,
     find_edited_matrices,
     gradient_factors,
     target_nll,
@@ -75,7 +74,7 @@ def autograd_gradients(model, names, batch) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- gradient factors -----------------------------------------------------------------------------------------------
+# -- gradient factors ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
 def test_factors_reproduce_the_weight_gradient_exactly(model_type, tokenizer):
     model = tiny_model(model_type, vocab_size=len(tokenizer))
@@ -111,7 +110,7 @@ def test_padding_does_not_change_the_factors(tokenizer):
         torch.testing.assert_close(more[name].grads, plain[name].grads, rtol=1e-5, atol=1e-7)
 
 
-# -- the MEND network -----------------------------------------------------------------------------------------------
+# -- the MEND network ----------------------------------------------------------------------------------------------
 def test_fresh_mend_network_is_the_identity(tokenizer):
     model = tiny_model("gpt2", vocab_size=len(tokenizer))
     network = EditorNetwork.create("mend", model, config={"rank": 32, "norm": False})
@@ -160,7 +159,7 @@ def test_normalisation_statistics_and_normalised_identity(tokenizer):
     torch.testing.assert_close(B @ A, 1e-4 * d_hat.T @ u_hat, rtol=1e-4, atol=1e-8)
 
 
-# -- MEND edits -----------------------------------------------------------------------------------------------------
+# -- MEND edits ----------------------------------------------------------------------------------------------------
 def test_mend_edit_is_the_lora_factors_with_each_matrix_its_own_step_size(base_dir, tokenizer, tmp_path):
     network = EditorNetwork.create("mend", load(base_dir), config={"rank": 32})
     with torch.no_grad():  # distinct step sizes: a swapped pairing (the reference's GPT-2 quirk) would show
@@ -182,7 +181,7 @@ def test_mend_edit_is_the_lora_factors_with_each_matrix_its_own_step_size(base_d
         torch.testing.assert_close(e.factors.A, A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(e.factors.B, B, rtol=1e-5, atol=1e-9)
         transform = network.transform_of(e.module)
-        u_t, d_t = transform(factors[e.module].inputs, factors[e.module].grads, network.modes[e.module])
+        _, d_t = transform(factors[e.module].inputs, factors[e.module].grads, network.modes[e.module])
         torch.testing.assert_close(e.factors.B, (i + 1) * 1e-3 * d_t.T, rtol=1e-5, atol=1e-9)
         assert e.info["edit_lrs"][e.module] == pytest.approx((i + 1) * 1e-3)
     top = [e for e in edits if e.layer == 2]
@@ -233,7 +232,7 @@ def test_an_editor_refuses_another_base_model(base_dir, tokenizer, tmp_path):
         EditorNetwork.from_pretrained(tmp_path / "mend").check_base_model(bigger)
 
 
-# -- KE ---------------------------------------------------------------------------------------------------------------
+# -- KE ------------------------------------------------------------------------------------------------------------
 def test_ke_head_passes_the_gradient_through_and_has_rank_t_plus_one(tokenizer):
     model = tiny_model("gpt2", vocab_size=len(tokenizer))
     names = [m.name for m in find_edited_matrices(model)]

@@ -198,23 +198,50 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- commands --------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
     from .edited_model import EditedModel
     from .evaluation import evaluate_model, load_eval_data
+    from .evaluation.runner import check_protocol_processes, main_process_first
+    from .stats import init_distributed
 
     if args.method == "none" and (args.config or args.layer is not None or args.set):
         raise CLIError("--config, --layer and --set need an editing method, not --method none")
     if args.n is not None and args.n < 1:
         raise CLIError("--n must be positive")
-    data = load_eval_data(args.data, n=args.n, split=args.split, revision=None, zsre_target=args.zsre_target)
+    processes = init_distributed()  # under accelerate launch / torchrun: the cases are shared out
+    if args.method != "none":
+        check_protocol_processes(args.protocol, processes)
+    is_main = processes == 1 or dist.get_rank() == 0
+    data = main_process_first(lambda: load_eval_data(args.data, n=args.n, split=args.split, revision=None,
+                                                     zsre_target=args.zsre_target), "loading the evaluation data")
     method = "none" if args.method == "none" else _method_config(args, args.model)
     model = EditedModel.from_pretrained(args.model, stats=_load_stats(args.stats), revision=args.revision,
-                                        token=args.token, progress=not args.no_progress, **_model_kwargs(args))
+                                        token=args.token, progress=not args.no_progress, base_model=args.base_model,
+                                        **_model_kwargs(args))
+    _to_process_device(model, processes, args.device)
     result = evaluate_model(model, data, method=method, protocol=args.protocol, every=args.every,
-                            batch_size=args.batch_size, generation=args.generation, zsre_path=args.zsre_path,
-                            progress=not args.no_progress)
+                            batch_size=args.batch_size, cases_per_batch=args.cases_per_batch,
+                            generation=args.generation, zsre_path=args.zsre_path,
+                            progress=not args.no_progress and is_main)
+    if not is_main:  # every process holds the gathered result; the main process reports it
+        return
     print(result.table())
     if args.out:
         print(f"wrote {result.save(args.out)}")
+
+
+def _to_process_device(model: Any, processes: int, device: str | None) -> None:
+    """Under a launcher with several processes and no --device: move the model to this process's accelerator
+    (accelerate's choice; nothing to do on the CPU)."""
+    if processes < 2 or device:
+        return
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return
+    if PartialState().device.type != "cpu":
+        model.to(PartialState().device)
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -409,13 +436,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if not args.out and not args.push_to_hub:
         raise CLIError("say where the merged model goes: --out DIR and/or --push-to-hub REPO")
     _manifest(args.source, args.revision, args.token)  # a clear error before loading any weights
-    model = EditedModel.from_pretrained(args.source, revision=args.revision, token=args.token)
+    model = EditedModel.from_pretrained(args.source, revision=args.revision, token=args.token,
+                                        base_model=args.base_model)
     tokenizer, n_edits = model.tokenizer, len(model.edits)
     if args.push_to_hub:
         print(f"pushed to {model.push_merged_to_hub(args.push_to_hub, private=args.private, token=args.token)}")
         if not args.out:
             return
-        model = EditedModel.from_pretrained(args.source, revision=args.revision, token=args.token)
+        model = EditedModel.from_pretrained(args.source, revision=args.revision, token=args.token,
+                                            base_model=args.base_model)
     merged = model.merge_and_unload()
     merged.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -427,9 +456,7 @@ def cmd_stats_compute(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .architecture import resolve_target
-    from .stats import load_or_compute_stats
-
-    from .stats import init_distributed
+    from .stats import init_distributed, load_or_compute_stats
 
     group = init_distributed()  # under accelerate launch / torchrun: each process computes a share of the texts
     model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, token=args.token,
@@ -688,17 +715,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edit each case of a CounterFact or zsRE data set and score it with the ROME paper's metrics "
                     "under a named protocol: 'single' (the reference's: each case edited alone, then restored) or "
                     "'sequential' (all edits accumulated, then every case scored). Prints a summary table and "
-                    "writes per-case results as JSON (--out).")
+                    "writes per-case results as JSON (--out). Under 'accelerate launch -m hf_edit eval ...' or "
+                    "torchrun the single protocol's cases are shared out across the processes and the main process "
+                    "writes the one result (the sequential protocol needs one process).")
     evaluation.add_argument("--model", required=True, help="model id or path (or an hf_edit edit folder)")
+    evaluation.add_argument("--base-model", help="with an edit folder as --model: load this base model instead of "
+                                                 "the recorded one")
     evaluation.add_argument("--data", required=True,
                             help="'counterfact', 'zsre' (the reference's files), a JSON/JSONL file or a Hub "
                                  "dataset id")
     evaluation.add_argument("--split", default="train", help="split of a Hub dataset")
-    evaluation.add_argument("--n", type=int, help="evaluate the first N cases")
+    evaluation.add_argument("--n", "--num-cases", dest="n", type=int,
+                            help="evaluate the first N cases (--num-cases under torchrun / accelerate launch, "
+                                 "whose own options --n would abbreviate)")
     evaluation.add_argument("--protocol", choices=["single", "sequential"], default="single")
     evaluation.add_argument("--every", type=int, help="sequential: also score the cases edited so far every N "
                                                       "edits")
     evaluation.add_argument("--batch-size", type=int, default=64, help="prompt rows per scoring forward pass")
+    evaluation.add_argument("--cases-per-batch", type=int, default=16,
+                            help="single protocol: cases whose post-edit prompts are scored together (also the unit "
+                                 "of work shared out across processes)")
     evaluation.add_argument("--generation", action="store_true",
                             help="CounterFact: also run the generation test (GE; slow)")
     evaluation.add_argument("--zsre-target", choices=["answers", "alt"], default="answers",
@@ -845,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "weights (bitwise W + BA) and save a plain transformers checkpoint "
                                             "with its tokenizer (--out) and/or push it (--push-to-hub).")
     merge.add_argument("source", help="edit folder or Hub repo id")
+    merge.add_argument("--base-model", help="load this base model instead of the one recorded in the edit folder")
     _add_output_options(merge, "merged model")
     _add_hub_options(merge)
     merge.set_defaults(run=cmd_merge)

@@ -65,10 +65,17 @@ class Edit:
     def __repr__(self) -> str:
         request = self.request
         more = f" (+{len(self.requests) - 1} more)" if len(self.requests) > 1 else ""
-        probability = self.info.get("p_new", self.info.get("target_probability"))
+        checks = self.info.get("checks") or [{}]
+        probability = checks[0].get("p_new")
         shown = f", P(new)={probability:.3f}" if isinstance(probability, (int, float)) else ""
         return (f"Edit({self.method}, {self.module}, {request.subject!r} -> {request.target_new!r}{more}, "
                 f"rank={self.factors.rank}{shown})")
+
+    @property
+    def checks(self) -> list[dict[str, Any]]:
+        """Whether the edit took, per request, measured right after it was applied (see
+        :func:`hf_edit.checks.check_requests`): ``p_new``, ``rank_new``, ``p_old``, ``rank_old``, ``top``, ``took``."""
+        return list(self.info.get("checks") or [])
 
     def manifest_entry(self) -> dict[str, Any]:
         """This edit's entry in ``hf_edit.json`` (everything but the factors, which live in the adapter)."""

@@ -24,10 +24,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .adapters import ADAPTER_NAME, LoraFactors, attach_adapters, quiet_peft, read_adapter_factors
-from .architecture import base_layer, resolve_target, unwrap_model
+from .architecture import base_layer, num_layers, resolve_target, unwrap_model
 from .cards import render_card
-from .edit import Edit
 from .checks import Verification, VerificationRow, check_requests
+from .edit import Edit
 from .errors import (
     ConfigError,
     EditDidNotTakeWarning,
@@ -48,6 +48,7 @@ from .manifest import (
     save_state,
 )
 from .methods import EditConfig, EditContext, Editor, StatisticsProvider, Update, config_from_dict, get_method
+from .methods.base import AUTO
 from .methods.registry import MethodSpec, resolve_config
 from .requests import EditRequest, as_requests
 from .stats import SecondMomentStats
@@ -129,6 +130,8 @@ class EditedModel:
                                               revision=revision, progress=progress)
         self._state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in (state or {}).items()}
         self._editors: dict[str, Editor] = {}
+        self._auto: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}  # layers="auto" choices by config
+        self._auto_info: dict[str, dict[str, Any]] = {}
         if not (fold_rank in (None, "auto") or (isinstance(fold_rank, int) and fold_rank >= 1)):
             raise ConfigError(f"fold_rank must be 'auto', None or a positive integer, got {fold_rank!r}.")
         self.fold_rank = fold_rank
@@ -327,7 +330,7 @@ class EditedModel:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
         requests = as_requests(requests)
-        editor = self._editor(method if method is not None else self._default_method, stats_data)
+        editor = self._editor(method if method is not None else self._default_method, stats_data, requests)
         skipped: list[SkippedRequest] = []
         valid: list[tuple[int, EditRequest]] = []
         for index, request in enumerate(requests):
@@ -398,10 +401,16 @@ class EditedModel:
             if not result.took:
                 message = (f"The edit {request.subject!r} -> {request.target_new!r} did not take: the new target's "
                            f"first token ranks {result.rank_new} (P(new) = {result.p_new:.3g}; the top prediction "
-                           f"is {result.top!r}). Try another layer or more optimisation steps, or check the "
-                           "request.")
+                           f"is {result.top!r}). Check the request, or tune the method ('hf-edit methods "
+                           f"{edits[0].method}' lists its hyperparameters; layers='auto' traces the layer).")
                 logger.warning(message)
                 warnings.warn(message, EditDidNotTakeWarning, stacklevel=3)
+
+    def prepare(self, method: MethodSpec | None = None) -> None:
+        """Load or compute what ``method``'s editor needs before its first edit (e.g. second-moment statistics);
+        under a multi-process group every process must call this together (it is collective)."""
+        self._require_live()
+        self._editor(method if method is not None else self._default_method).prepare()
 
     def verify_edits(self) -> Verification:
         """Check every applied request on the model as it is now: does its new target (still) win?
@@ -431,6 +440,7 @@ class EditedModel:
         if not updates:
             return []
         name, config = editor.config.name, editor.config.to_dict()
+        auto = self._auto_info.get(json.dumps(config, sort_keys=True))
         last = self._edits[-1] if self._edits else None
         batch = max((e.batch for e in self._edits), default=-1) + 1
         group = None
@@ -442,7 +452,8 @@ class EditedModel:
                 group = self._next_group()
             self._edits.append(Edit(requests=update.requests or tuple(requests), method=name, module=update.module,
                                     layer=update.layer, factors=update.factors, config=config,
-                                    info=dict(update.info), group=group, batch=batch, stackable=update.stackable,
+                                    info=dict(update.info, **({"auto_layers": auto} if auto else {})),
+                                    group=group, batch=batch, stackable=update.stackable,
                                     tensors=update.tensors))
             if not update.stackable:
                 group = None
@@ -656,8 +667,11 @@ class EditedModel:
             return config_from_dict(last.config, last.method)
         return resolve_config(method, getattr(self._model, "name_or_path", None))
 
-    def _editor(self, method: MethodSpec | None, stats_data: Any = None) -> Editor:
+    def _editor(self, method: MethodSpec | None, stats_data: Any = None,
+                requests: Sequence[EditRequest] = ()) -> Editor:
         config = _with_stats_data(self._method_config(method), stats_data or self.stats_data)
+        if config.layers == AUTO:
+            config = self._auto_layers(config, requests)
         config = config.resolved_for(self._model)
         key = type(config).__name__ + json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._editors:
@@ -666,6 +680,38 @@ class EditedModel:
                                   edits=self._edits, state=self._state.setdefault(config.name, {}))
             self._editors[key] = get_method(config.name).editor_class(config, context)
         return self._editors[key]
+
+    def _auto_layers(self, config: EditConfig, requests: Sequence[EditRequest]) -> EditConfig:
+        """``config`` with ``layers="auto"`` replaced by the layers causal tracing of ``requests`` picks on the base
+        model (once per config; the trace itself is cached per model fingerprint and facts)."""
+        from .methods.base import model_id_of
+        from .tracing import choose_layers, scaled_window, traced_profile
+
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in self._auto:
+            n_layers = num_layers(self._model)
+            rule = (f"peak of the averaged MLP indirect effect at the subject's last token (window "
+                    f"{scaled_window(n_layers)})" if config.auto_layer_count == 1 else
+                    f"the {config.auto_layer_count} contiguous layers with the largest summed MLP indirect effect")
+            try:
+                with self.disable_edits():
+                    profile = traced_profile(self._model, self.tokenizer, requests, kind="mlp",
+                                             window=scaled_window(n_layers), progress=self._progress)
+                layers = choose_layers(profile, config.auto_layer_count)
+                info = {"layers": list(layers), "rule": rule, "n_facts": profile.n, "n_skipped": profile.n_skipped,
+                        "mean_effect": [round(float(x), 6) for x in profile.mean]}
+            except ConfigError as err:  # no fact the model knows among the requests
+                layers = replace(config, layers=None).resolved_for(self._model).layers
+                info = {"layers": list(layers), "rule": f"default (tracing failed: {err})"}
+                warnings.warn(f"layers='auto': {err} Using the default layers {list(layers)} instead.", UserWarning,
+                              stacklevel=4)
+            logger.info("layers='auto' for %s on %s: %s (%s)", config.name, model_id_of(self._model) or "the model",
+                        list(layers), info["rule"])
+            self._auto[key] = (tuple(layers), info)
+        layers, info = self._auto[key]
+        resolved = replace(config, layers=layers)
+        self._auto_info[json.dumps(resolved.to_dict(), sort_keys=True)] = info
+        return resolved
 
     def _rebuild(self, fold: bool = True) -> None:
         """Make the adapters hold exactly ``self._edits`` (the base weights are never touched); with ``fold``,

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cards import render_card, render_merged_card
 from .errors import (
     ConfigError,
     EditFolderError,
@@ -47,7 +48,6 @@ from .errors import (
     StatisticsMismatchError,
     StatisticsNotFoundError,
 )
-from .cards import render_card, render_merged_card
 from .manifest import MANIFEST_NAME, read_manifest
 from .stats import SecondMomentStats
 from .version import __version__

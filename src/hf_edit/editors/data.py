@@ -97,7 +97,7 @@ def case_keys(case: Any) -> set[str]:
 def _example(case: Any) -> EditExample:
     if isinstance(case, (CounterFactCase, ZsRECase)):
         paraphrases = tuple(p for p in case.paraphrase_prompts if p and p.strip())
-        key = sorted(case_keys(case))[0]
+        key = min(case_keys(case))
         return EditExample(request=case.request, paraphrases=paraphrases, key=key)
     if isinstance(case, EditExample):
         return case

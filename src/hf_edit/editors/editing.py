@@ -34,7 +34,7 @@ class NetworkEditConfig(EditConfig):
             ``output_dir`` of ``hf_edit.editors.train_editor``) or a Hub model repo id.  Required to edit.
         editor_revision: the Hub revision (branch, tag or commit) of ``editor``.
         layers: edit only the matrices of these decoder layers (a subset of the layers the network was trained
-            for); ``None``: all of them.
+            for); ``None`` (or ``"auto"``): all of them.
         rewrite_module_tmp: not used: the network fixes the edited modules; must be ``None``.
         lr_scale: multiplies every update (the reference's ``lr_scale``, 1.0).
         check_base_model: refuse a model whose weights differ from the one the network was trained for
@@ -126,7 +126,7 @@ class NetworkEditor(Editor):
         return [m for m in matrices if m.layer in wanted]
 
     def _wanted_layers(self) -> set[int] | None:
-        if self.config.layers is None:
+        if self.config.layers is None or isinstance(self.config.layers, str):  # None or "auto": the network's
             return None
         n = num_layers(unwrap_model(self.model))
         out = set()

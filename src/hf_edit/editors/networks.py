@@ -55,7 +55,7 @@ class EditorMismatchError(ConfigError):
     """An editor network was trained for another base model (its weight fingerprint differs) or other modules."""
 
 
-# -- the base model's identity --------------------------------------------------------------------------------------
+# -- the base model's identity -------------------------------------------------------------------------------------
 def base_weights_fingerprint(model: nn.Module) -> str:
     """A fingerprint of the base weights of ``model`` (LoRA parameters and PEFT's ``.base_layer`` ignored).
 
@@ -120,7 +120,7 @@ class BaseModelInfo:
         return cls(**{f.name: values.get(f.name) for f in fields(cls)})
 
 
-# -- network hyperparameters ----------------------------------------------------------------------------------------
+# -- network hyperparameters ---------------------------------------------------------------------------------------
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
@@ -181,7 +181,7 @@ class KENetworkConfig:
             raise ConfigError(f"max_scale must be positive, got {self.max_scale!r}.")
 
 
-# -- the artifact base class ----------------------------------------------------------------------------------------
+# -- the artifact base class ---------------------------------------------------------------------------------------
 class EditorNetwork(nn.Module):
     """A trained editor network for one base model: MEND (:class:`MENDNetwork`) or KE (:class:`KENetwork`).
 
@@ -289,7 +289,7 @@ class EditorNetwork(nn.Module):
         for m in self.matrices:
             try:
                 found = find_edited_matrices(inner, modules=[m.name])[0]
-            except Exception:  # noqa: BLE001 (any lookup failure is a mismatch)
+            except Exception:  # any lookup failure is a mismatch
                 problems.append(f"no module {m.name}")
                 continue
             if (found.in_features, found.out_features) != (m.in_features, m.out_features):
@@ -409,7 +409,7 @@ def _resolve_folder(source: str | os.PathLike, *, revision: str | None, token: s
     try:
         return Path(snapshot_download(str(source), revision=revision, token=token,
                                       allow_patterns=[EDITOR_CONFIG_NAME, EDITOR_WEIGHTS_NAME, "README.md"]))
-    except Exception as err:  # noqa: BLE001 (validation, missing repo, offline: all mean "not found")
+    except Exception as err:  # validation, missing repo, offline: all mean "not found"
         raise EditorNetworkError(f"No editor network at {source!r}: it is not a local folder, and the Hub "
                                  f"answered {type(err).__name__}: {err}") from err
 
@@ -669,7 +669,7 @@ class KENetwork(EditorNetwork):
         super().__init__(matrices, config, base_model, training)
         if embedding is None:  # weights come from a checkpoint; the shape must be right
             embedding = torch.zeros(base_model.vocab_size, base_model.embedding_dim)
-        with _seeded(config.seed):
+        with _SeededInit(config.seed):
             self.conditioner = _Conditioner(embedding.float(), config.lstm_hidden, config.condition_dim)
             self.heads = nn.ModuleDict({_safe_key(m.name): _ConditionedParameter(m, config.condition_dim,
                                                                                  config.hidden_dim)
@@ -717,7 +717,7 @@ class KENetwork(EditorNetwork):
         return out
 
 
-class _seeded:
+class _SeededInit:
     """Seed torch's global generator inside the block and restore its state afterwards (module init uses it)."""
 
     def __init__(self, seed: int) -> None:
@@ -727,5 +727,5 @@ class _seeded:
         self.state = torch.random.get_rng_state()
         torch.manual_seed(self.seed)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         torch.random.set_rng_state(self.state)

@@ -220,7 +220,7 @@ class TrainingResult:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-# -- the objective ----------------------------------------------------------------------------------------------------
+# -- the objective -------------------------------------------------------------------------------------------------
 @dataclass
 class _Micro:
     """One micro-batch: edits (inner rows), their outer rows, locality rows."""
@@ -371,7 +371,7 @@ class _Batches:
         return self.build([(example, index)], texts, with_rewrite=True)
 
 
-# -- evaluation -------------------------------------------------------------------------------------------------------
+# -- evaluation ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _evaluate(network: EditorNetwork, kind: str, model: nn.Module, batches: _Batches, examples: Sequence[EditExample],
               config: EditorTrainingConfig, autocast: Any = nullcontext) -> dict[str, float]:
@@ -417,7 +417,7 @@ def _cap(value: int | None, limit: int | None) -> int | None:
     return value if limit is None else min(value, limit)
 
 
-# -- the loop -----------------------------------------------------------------------------------------------------------
+# -- the loop ------------------------------------------------------------------------------------------------------
 def _trackers(log_with: str | tuple[str, ...]) -> list[str]:
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
@@ -622,27 +622,27 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
     bar.close()
     if trackers:
         accelerator.end_training()
-    selected = "last"
     network = accelerator.unwrap_model(wrapped)
-    final = network
-    if config.select == "best" and best is not None and (output_dir / "best").is_dir():
-        final = EditorNetwork.from_pretrained(output_dir / "best")
-        selected = "best"
-    step = done
-    final.training_info = {**run_description, "steps": step, "examples_seen": examples_seen, "time_s": round(elapsed, 1),
-                      "stopped": stopped, "selected": selected,
-                      "selected_step": best_metrics.get("step") if selected == "best" else step,
-                      "final_metrics": {k: v for k, v in (best_metrics if selected == "best" else last_metrics).items()
-                                        if k.startswith("val/")},
-                      "mixed_precision": config.mixed_precision}
+    # only the main process evaluates, so only it knows the best network; every process loads the saved result
+    selected = "best" if config.select == "best" and best is not None and accelerator.is_main_process else "last"
     if accelerator.is_main_process:
+        final = network
+        if selected == "best":  # best/ is gone when an earlier, completed run of this folder already moved it up
+            best_dir = output_dir / "best" if (output_dir / "best").is_dir() else output_dir
+            final = EditorNetwork.from_pretrained(best_dir)
+        final.training_info = {
+            **run_description, "steps": done, "examples_seen": examples_seen, "time_s": round(elapsed, 1),
+            "stopped": stopped, "selected": selected,
+            "selected_step": best_metrics.get("step") if selected == "best" else done,
+            "final_metrics": {k: v for k, v in (best_metrics if selected == "best" else last_metrics).items()
+                              if k.startswith("val/")},
+            "mixed_precision": config.mixed_precision}
         final.save_pretrained(output_dir)
         if selected == "best":
             shutil.rmtree(output_dir / "best", ignore_errors=True)
     accelerator.wait_for_everyone()
-    result_network = EditorNetwork.from_pretrained(output_dir) if accelerator.is_main_process else \
-        final.to("cpu").eval()
-    return TrainingResult(editor=result_network, output_dir=output_dir, steps=step, examples_seen=examples_seen,
+    result_network = EditorNetwork.from_pretrained(output_dir)
+    return TrainingResult(editor=result_network, output_dir=output_dir, steps=done, examples_seen=examples_seen,
                           time_s=elapsed, stopped=stopped, metrics=last_metrics, best_metrics=best_metrics,
                           data=data.describe())
 
@@ -650,6 +650,7 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
 def _comparable(run: Mapping[str, Any]) -> Any:
     """The parts of a run description that must match to resume (JSON round trip for stable comparison)."""
     keep = dict(run)
+    keep["base_model"] = {k: v for k, v in dict(keep.get("base_model", {})).items() if k != "name_or_path"}
     config = dict(keep.get("config", {}))
     for name in ("max_steps", "max_time_s", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every",
                  "log_with", "early_stop_patience", "select", "eval_size"):

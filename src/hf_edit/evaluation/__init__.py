@@ -1,6 +1,7 @@
 """Evaluation with the ROME paper's metrics, computed exactly as the reference implementation computes them.
 
-* Data: :func:`load_eval_data` (CounterFact in ROME's or EasyEdit's format, zsRE in ROME/MEND's), giving cases.
+* Data: :func:`load_eval_data` (CounterFact in ROME's or EasyEdit's format, zsRE in ROME/MEND's), giving cases;
+  :func:`case_from_record` builds one case from a plain dict with only the fields the metrics read.
 * CounterFact: :func:`counterfact_nll` (per-prompt ``(nll_new, nll_true)`` pairs), :func:`counterfact_case_metrics`
   (ES, EM, PS, PM, NS, NM of one case), :func:`counterfact_scores` (aggregates ×100 and S).
 * zsRE: :func:`zsre_correct` (teacher-forced token correctness) and :func:`summarize_zsre`.
@@ -21,7 +22,15 @@ from .counterfact import (
     metric_inputs,
     summarize,
 )
-from .data import CounterFactCase, EvalData, ZsRECase, load_counterfact, load_eval_data, load_zsre
+from .data import (
+    CounterFactCase,
+    EvalData,
+    ZsRECase,
+    case_from_record,
+    load_counterfact,
+    load_eval_data,
+    load_zsre,
+)
 from .generation import (
     AttributeSnippets,
     TfidfModel,
@@ -37,7 +46,7 @@ from .token_accuracy import easyedit_locality, easyedit_token_accuracy
 from .zsre import summarize_zsre, zsre_case_metrics, zsre_correct
 
 __all__ = [
-    "load_eval_data", "load_counterfact", "load_zsre", "EvalData", "CounterFactCase", "ZsRECase",
+    "load_eval_data", "load_counterfact", "load_zsre", "case_from_record", "EvalData", "CounterFactCase", "ZsRECase",
     "counterfact_nll", "counterfact_nlls", "counterfact_case_metrics", "counterfact_scores", "metric_inputs",
     "summarize", "zsre_correct", "zsre_case_metrics", "summarize_zsre", "generate_texts", "generation_entropy",
     "word_tokenize", "TfidfModel", "AttributeSnippets", "reference_score", "easyedit_token_accuracy",

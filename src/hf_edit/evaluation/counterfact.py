@@ -25,13 +25,14 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import DatasetFormatError
 from ..tokens import pad_token_id, target_ids
 from . import aggregate
-from .data import CounterFactCase
+from .data import CounterFactCase, case_from_record
 from .scoring import BatchContext, score_continuations
 
-__all__ = ["PROMPT_KINDS", "CASE_METRICS", "counterfact_rows", "counterfact_nll", "counterfact_nlls",
-           "counterfact_case_metrics", "summarize", "counterfact_scores", "nll_pairs_by_case", "metric_inputs"]
+__all__ = ["PROMPT_KINDS", "CASE_METRICS", "as_counterfact_case", "counterfact_rows", "counterfact_nll",
+           "counterfact_nlls", "counterfact_case_metrics", "summarize", "counterfact_scores", "nll_pairs_by_case", "metric_inputs"]
 
 #: Prompt kinds of the probability test, in the reference's order.
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood", "attribute")
@@ -46,10 +47,31 @@ CASE_METRICS = (
 NllPairs = dict[str, list[tuple[float, float]]]
 
 
-def counterfact_rows(tokenizer: PreTrainedTokenizerBase, case: CounterFactCase
+CounterFactLike = CounterFactCase | Mapping[str, Any]
+
+
+def as_counterfact_case(record: CounterFactLike, index: int = 0) -> CounterFactCase:
+    """``record`` as a :class:`~hf_edit.evaluation.CounterFactCase`: a case as it is, a plain dict built directly
+    with :func:`~hf_edit.evaluation.case_from_record` (only the fields the metrics read are needed).
+
+    Raises:
+        DatasetFormatError: the dict lacks a field the metrics need (named), or holds a zsRE record.
+    """
+    if isinstance(record, CounterFactCase):
+        return record
+    case = case_from_record(record, index=index)
+    if not isinstance(case, CounterFactCase):
+        raise DatasetFormatError("This is a zsRE record; CounterFact scoring needs a CounterFact record "
+                                 "(requested_rewrite with prompt, subject, target_new, target_true). Score zsRE "
+                                 "records with zsre_correct.")
+    return case
+
+
+def counterfact_rows(tokenizer: PreTrainedTokenizerBase, case: CounterFactLike
                      ) -> list[tuple[str, list[int], list[int]]]:
     """The rows of a record's probability test: ``(kind, context_ids, target_ids)``, for each prompt first with
-    ``target_new`` then with ``target_true``."""
+    ``target_new`` then with ``target_true``.  ``case`` may be a plain dict (see :func:`as_counterfact_case`)."""
+    case = as_counterfact_case(case)
     request = case.request
     if request.target_true is None:
         raise ValueError(f"Case {case.case_id} has no target_true; CounterFact scoring compares both targets.")
@@ -62,15 +84,19 @@ def counterfact_rows(tokenizer: PreTrainedTokenizerBase, case: CounterFactCase
     return rows
 
 
-def counterfact_nlls(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Sequence[CounterFactCase], *,
+def counterfact_nlls(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Sequence[CounterFactLike], *,
                      batch_size: int = 64, batch_context: BatchContext | None = None,
                      row_cases: list[int] | None = None) -> list[NllPairs]:
     """:func:`counterfact_nll` for many records, all prompts of all records batched together.
 
     Args:
+        model: a causal LM, a ``PeftModel`` or an :class:`~hf_edit.EditedModel` (scored with its edits).
+        cases: :class:`~hf_edit.evaluation.CounterFactCase` objects or plain dicts (see
+            :func:`as_counterfact_case`).
         batch_context: see :func:`~hf_edit.evaluation.scoring.score_continuations`; the row indices it receives
             map to records through ``row_cases`` (filled in by this function when given as an empty list).
     """
+    cases = [as_counterfact_case(case, index) for index, case in enumerate(cases)]
     per_case = [counterfact_rows(tokenizer, case) for case in cases]
     flat = [(c, kind, context, target) for c, rows in enumerate(per_case) for kind, context, target in rows]
     if row_cases is not None:
@@ -84,23 +110,21 @@ def counterfact_nlls(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases
     return results
 
 
-def counterfact_nll(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                    record: CounterFactCase | Mapping[str, Any], *, batch_size: int = 64) -> NllPairs:
+def counterfact_nll(model: nn.Module, tokenizer: PreTrainedTokenizerBase, record: CounterFactLike, *,
+                    batch_size: int = 64) -> NllPairs:
     """For each prompt kind (``rewrite``, ``paraphrase``, ``neighborhood``, ``attribute``) the list of
     ``(nll_new, nll_true)`` pairs, the reference's per-prompt values.
 
-    ``record`` is a :class:`~hf_edit.evaluation.CounterFactCase` or a raw CounterFact record (ROME format).
+    Args:
+        model: a causal LM, a ``PeftModel`` or an :class:`~hf_edit.EditedModel` (scored with its edits).
+        record: a :class:`~hf_edit.evaluation.CounterFactCase`, or a plain dict: a CounterFact record (ROME or
+            EasyEdit format) with only the fields the metrics read (``requested_rewrite`` with ``prompt``,
+            ``subject``, ``target_new``, ``target_true``; optional ``case_id``, prompt lists and ids).
+
+    Raises:
+        DatasetFormatError: the dict lacks a field the metrics need; the message names it.
     """
-    case = record if isinstance(record, CounterFactCase) else _case_from_record(record)
-    return counterfact_nlls(model, tokenizer, [case], batch_size=batch_size)[0]
-
-
-def _case_from_record(record: Mapping[str, Any]) -> CounterFactCase:
-    import datasets
-
-    from .data import load_eval_data
-
-    return load_eval_data(datasets.Dataset.from_list([dict(record)])).cases[0]  # type: ignore[return-value]
+    return counterfact_nlls(model, tokenizer, [as_counterfact_case(record)], batch_size=batch_size)[0]
 
 
 def counterfact_case_metrics(nlls: NllPairs) -> dict[str, float]:

@@ -13,7 +13,18 @@ Protocols:
   N edits (retention curves).  The model is restored at the end.
 
 ``method="none"`` scores the unedited model only.  An edit that fails (e.g. :class:`~hf_edit.errors.
-OptimizationError`) is recorded in its case and the run continues; such cases are left out of the post summary.
+OptimizationError`) or is refused (an invalid request) is recorded in its case and the run continues; such cases are
+left out of the post summary, and :meth:`EvaluationResult.table` lists them under the table.
+
+Data-parallel (``accelerate launch`` / ``torchrun``): under an initialised ``torch.distributed`` group of several
+processes (``accelerate.PartialState()`` or :func:`hf_edit.stats.init_distributed` has run), the single protocol is
+shared out: its units of work -- the pre-edit scoring chunks and the post-edit batches of ``cases_per_batch`` cases,
+the same chunks a single process runs -- go round-robin to the processes, each edits and scores its own, and the
+records are gathered (``all_gather_object``) in case order.  Every process returns the same result, equal to the
+single-process one except for the timings (``timing["processes"]`` says how many shared the work); only the main
+process should print or save it.  Second-moment statistics that the method's editor reads are loaded or computed
+(collectively) before the work is shared out.  The sequential protocol cannot be shared out (each edit is computed
+on the model holding every edit before it): it raises :class:`~hf_edit.errors.ConfigError` on every process.
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -39,19 +51,23 @@ from ..adapters import LoraFactors
 from ..architecture import max_positions, unwrap_model
 from ..edit import Edit
 from ..edited_model import EditedModel
-from ..errors import ConfigError, HfEditError
+from ..errors import ConfigError, HfEditError, InvalidRequestError, TokenizerError
 from ..hooks import as_batch_seq, forward_hook
 from ..methods.registry import MethodSpec, resolve_config
 from ..stats import model_fingerprint
+from ..stats.distributed import ProcessGroup, attempt
 from ..version import __version__
 from . import counterfact as cf
 from . import zsre
-from .data import CounterFactCase, EvalData, load_eval_data
+from .data import CounterFactCase, EvalData, EvalSource, load_eval_data, warn_if_fewer
 from .generation import AttributeSnippets, TfidfModel, generate_texts, generation_entropy, reference_score
 
-__all__ = ["evaluate_model", "EvaluationResult", "GenerationSettings", "PROTOCOLS"]
+__all__ = ["evaluate_model", "EvaluationResult", "GenerationSettings", "PROTOCOLS", "main_process_first",
+           "check_protocol_processes"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROTOCOLS = ("single", "sequential")
 Protocol = Literal["single", "sequential"]
@@ -59,6 +75,12 @@ RESULT_FORMAT = "hf_edit.evaluation.v1"
 #: Order of the summary table's rows (others follow).
 _DISPLAY_ORDER = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "RS", "rewrite_acc", "paraphrase_acc",
                   "neighborhood_acc", "score")
+#: Cases per pre-edit scoring chunk (one unit of work when the cases are shared out).
+_PRE_CHUNK = 256
+#: Error types of an edit that was refused (the request cannot be applied) rather than failed (its computation).
+_REFUSED = (InvalidRequestError, TokenizerError)
+#: Failed or refused edits listed under the table (the others are counted).
+_LISTED_FAILURES = 20
 
 
 @dataclass(frozen=True)
@@ -100,9 +122,13 @@ class EvaluationResult:
         model: name, revision and weight fingerprint of the evaluated model.
         data: source, format, fingerprint and size of the data set.
         summary: ``{"pre": {metric: {mean, std, stderr, n}}, "post": {...}}``, ×100.
-        cases: one record per case: the request, the edit's outcome, pre and post scores.
+        cases: one record per case: the request, the edit's outcome (``ok``; if not: ``status`` ``"failed"`` or
+            ``"refused"``, ``error_type``, ``message``), pre and post scores.
         checkpoints: sequential protocol with ``every``: summaries after every N edits.
-        timing: seconds spent editing, scoring and generating; cases per second.
+        counts: how many cases are behind each phase: ``cases`` (evaluated), ``pre`` and ``post`` (scored in that
+            phase; post leaves out the cases whose edit failed), ``failed`` and ``refused`` (edits).
+        timing: seconds spent editing, scoring and generating; cases per second; ``processes`` that shared the
+            work.
         settings: batch sizes, zsRE path, generation settings.
         environment: versions of hf_edit, torch, transformers, peft; device.
     """
@@ -115,6 +141,7 @@ class EvaluationResult:
     summary: dict[str, dict[str, dict[str, float]]]
     cases: list[dict[str, Any]]
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
@@ -137,20 +164,59 @@ class EvaluationResult:
         return cls(**values)
 
     def table(self) -> str:
-        """The summary as a text table: one row per metric, pre and post columns (mean ± standard error)."""
+        """The summary as a text table: one row per metric, pre and post columns (mean ± standard error), each
+        headed by the number of cases behind it; then the cases whose edit failed or was refused (case id, error
+        type, first line of the message), which the post column leaves out."""
         phases = [p for p in ("pre", "post") if self.summary.get(p)]
         names = list(dict.fromkeys(n for p in phases for n in self.summary[p]))
         names.sort(key=lambda n: _DISPLAY_ORDER.index(n) if n in _DISPLAY_ORDER else len(_DISPLAY_ORDER))
-        header = ["metric", *phases]
+        counts = self.counts or _counts(self.cases)
+        header = ["metric", *(f"{p} (n={counts[p]})" if p in counts else p for p in phases)]
         rows = [[name, *(_cell(self.summary[p].get(name)) for p in phases)] for name in names]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         title = (f"{self.data.get('format')} · {self.method} · protocol={self.protocol} · "
                  f"n={self.data.get('n')} · {self.timing.get('cases_per_second', float('nan')):.3f} cases/s")
-        return "\n".join([title, *lines])
+        return "\n".join([title, *lines, *_failure_lines(self.cases)])
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _counts(cases: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Cases evaluated, scored before and after editing, and edits that failed or were refused."""
+    counts = {"cases": len(cases)}
+    for phase in ("pre", "post"):
+        scored = sum(1 for c in cases if phase in c and "metrics" in c[phase])
+        if scored or phase == "pre":
+            counts[phase] = scored
+    edits = [c["edit"] for c in cases if "edit" in c]
+    if edits:
+        counts["failed"] = sum(1 for e in edits if not e.get("ok") and e.get("status") != "refused")
+        counts["refused"] = sum(1 for e in edits if not e.get("ok") and e.get("status") == "refused")
+    return counts
+
+
+def _failure_lines(cases: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Lines naming each case whose edit did not apply: case id, failed/refused, error type, the message's first
+    line."""
+    bad = [c for c in cases if "edit" in c and not c["edit"].get("ok")]
+    if not bad:
+        return []
+    refused = sum(1 for c in bad if c["edit"].get("status") == "refused")
+    what = {0: "failed", len(bad): "were refused"}.get(refused, f"failed or were refused ({refused} refused)")
+    lines = [f"{len(bad)} of {len(cases)} edits {what}; the post column leaves these cases out:"]
+    for case in bad[:_LISTED_FAILURES]:
+        edit = case["edit"]
+        error_type, message = edit.get("error_type"), edit.get("message")
+        if error_type is None:  # results written before error_type/message were recorded
+            error_type, _, message = str(edit.get("error", "")).partition(": ")
+        first = (str(message).strip().splitlines() or [""])[0]
+        lines.append(f"  case {case.get('case_id')}: {edit.get('status', 'failed')}: {error_type}: {first}")
+    if len(bad) > _LISTED_FAILURES:
+        lines.append(f"  ... and {len(bad) - _LISTED_FAILURES} more (every case's edit outcome is in the result's "
+                     "cases)")
+    return lines
 
 
 def _cell(value: Mapping[str, float] | None) -> str:
@@ -173,7 +239,7 @@ def _json_safe(value: Any) -> Any:
 
 
 # -- the runner ---------------------------------------------------------------------------------------------------
-def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: EvalData | str | os.PathLike, *,
+def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: EvalData | EvalSource, *,
                    method: MethodSpec | Literal["none"] = "rome", protocol: Protocol = "single",
                    tokenizer: PreTrainedTokenizerBase | None = None, n: int | None = None,
                    every: int | None = None, batch_size: int = 64, cases_per_batch: int = 16,
@@ -181,14 +247,20 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
                    stats: Any = None, progress: bool = True) -> EvaluationResult:
     """Edit and score ``data`` with ``method`` under ``protocol``; the model is left as it was given.
 
+    Under an initialised ``torch.distributed`` group of several processes (``accelerate launch``, ``torchrun``) the
+    single protocol's cases are shared out and every process must call this function with the same arguments; see
+    the module documentation.
+
     Args:
         model: an :class:`~hf_edit.EditedModel` (existing edits stay and are part of "pre"), a transformers
             causal LM (with ``tokenizer``), or a model id / path.
-        data: loaded :class:`EvalData` or anything :func:`~hf_edit.evaluation.load_eval_data` accepts.
+        data: loaded :class:`EvalData`, anything :func:`~hf_edit.evaluation.load_eval_data` accepts (a file, a
+            Hub id), or plain record dicts (one or a list) with only the fields the metrics read (see
+            :func:`~hf_edit.evaluation.case_from_record`).
         method: a registered method name (``hf_edit.methods.available_methods()``), a config object, or
             ``"none"`` (score the model as it is).
         protocol: ``"single"`` (the reference's) or ``"sequential"``.
-        n: evaluate the first ``n`` cases.
+        n: evaluate the first ``n`` cases (a warning says so when there are fewer).
         every: sequential protocol: also score the cases edited so far after every ``every`` edits.
         batch_size: rows per scoring forward pass.
         cases_per_batch: single protocol: cases whose post-edit prompts are scored together.
@@ -196,10 +268,12 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
             records that have generation prompts.
         zsre_path: zsRE inputs built by ``"string"`` concatenation (the reference), ``"ids"`` or ``"auto"``.
         stats: second-moment statistics for the methods that need them (see :class:`~hf_edit.EditedModel`).
-        progress: show progress bars.
+        progress: show progress bars (on the main process only, when the cases are shared out).
 
     Raises:
-        ConfigError: an unknown protocol, or ``every`` without the sequential protocol.
+        ConfigError: an unknown protocol, ``every`` without the sequential protocol, or the sequential protocol
+            under several processes.
+        HfEditError: another process failed while evaluating its share (every process raises).
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
@@ -207,21 +281,32 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
         raise ConfigError("every= needs protocol='sequential' and a positive number of edits.")
     if batch_size < 1 or cases_per_batch < 1:
         raise ConfigError("batch_size and cases_per_batch must be positive.")
-    edited = _edited_model(model, tokenizer, stats, progress)
+    group = _process_group()
+    if method != "none":
+        check_protocol_processes(protocol, 1 if group is None else group.size)
+    show = progress and (group is None or group.is_main)
+    edited = _edited_model(model, tokenizer, stats, show)
     if not isinstance(data, EvalData):
-        data = load_eval_data(data, n=n)
+        source = data
+        data = load_eval_data(source, n=n) if group is None else main_process_first(
+            lambda: load_eval_data(source, n=n), "loading the evaluation data")
     elif n is not None:
+        warn_if_fewer(n, len(data), data.source)
         data = EvalData(cases=data.cases[:n], data_format=data.data_format, source=data.source,
                         fingerprint=data.fingerprint, n_total=data.n_total)
     settings = generation if isinstance(generation, GenerationSettings) else (
         GenerationSettings() if generation else None)
     if settings is not None and data.data_format != "counterfact":
         raise ConfigError("The generation tests need CounterFact records in the ROME format (generation prompts).")
-    run = _Run(edited, data, settings, batch_size=batch_size, zsre_path=zsre_path, progress=progress)
+    run = _Run(edited, data, settings, batch_size=batch_size, zsre_path=zsre_path, progress=show)
     method_name = "none" if method == "none" else resolve_config(
         method, getattr(edited.base_model, "name_or_path", None)).name
     started = time.perf_counter()
-    if method_name == "none":
+    if group is not None:
+        if method_name != "none":
+            _prefetch_statistics(edited, method)
+        run.shared(None if method_name == "none" else method, cases_per_batch, group)
+    elif method_name == "none":
         run.score_pre()
     elif protocol == "single":
         run.score_pre()
@@ -232,16 +317,69 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
     elapsed = time.perf_counter() - started
     run.timing["total_seconds"] = elapsed
     run.timing["cases_per_second"] = len(data) / elapsed if elapsed > 0 else math.nan
+    run.timing["processes"] = 1 if group is None else group.size
     return EvaluationResult(
         protocol=protocol, method=method_name, method_config=run.method_config, model=_describe_model(edited),
         data=data.describe(), summary=run.summaries(), cases=run.records, checkpoints=run.checkpoints,
-        timing=dict(run.timing),
+        counts=_counts(run.records), timing=dict(run.timing),
         settings={"batch_size": batch_size, "cases_per_batch": cases_per_batch if protocol == "single" else None,
                   "every": every, "zsre_path": run.zsre_path_used,
                   "generation": settings.describe() | {"max_length_used": run.generation_length}
                   if settings else None,
                   "pre_existing_edits": run.base_edits},
         environment=_environment(edited))
+
+
+# -- several processes ----------------------------------------------------------------------------------------------
+def _process_group() -> ProcessGroup | None:
+    """This process's place in the initialised default process group, if it has more than one process."""
+    if dist.is_available() and dist.is_initialized():
+        size = dist.get_world_size()
+        return ProcessGroup(dist.get_rank(), size) if size > 1 else None
+    if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logger.warning("WORLD_SIZE=%s but torch.distributed is not initialised: this process evaluates every case "
+                       "itself. Call accelerate.PartialState() or hf_edit.stats.init_distributed() first to share "
+                       "the cases out.", os.environ["WORLD_SIZE"])
+    return None
+
+
+def check_protocol_processes(protocol: str, processes: int) -> None:
+    """Refuse a protocol that cannot be shared out across ``processes`` processes.
+
+    Raises:
+        ConfigError: the sequential protocol with more than one process.
+    """
+    if protocol == "sequential" and processes > 1:
+        raise ConfigError(
+            f"The sequential protocol cannot be shared out across {processes} processes: every edit is computed on "
+            "the model holding all the edits before it, so the cases form one chain. Run it in one process "
+            "(without accelerate launch / torchrun), or use protocol='single', which is shared out.")
+
+
+def main_process_first(action: Callable[[], T], doing: str) -> T:
+    """``action()`` on the main process first, then on the others (e.g. so that only one fills the ``datasets``
+    cache); a plain call without a process group of several processes.  Collective: every process calls it.
+
+    Raises:
+        StatisticsError: on the other processes, if the main process failed ``doing`` (it re-raises its own
+            error).
+    """
+    group = _process_group()
+    if group is None:
+        return action()
+    result, error = attempt(action) if group.is_main else (None, None)
+    group.check_main(error, doing)
+    return result if group.is_main else action()  # type: ignore[return-value]
+
+
+def _prefetch_statistics(edited: EditedModel, method: Any) -> None:
+    """Load or compute, on every process together, what the method's editor reads before its first edit.
+
+    Under a process group computing statistics is collective, and editors ask for them lazily, at their first
+    edit: once the cases are shared out, a process whose share is empty (or whose first edits fail early) would
+    never join in.  So :meth:`EditedModel.prepare` runs first, through the editor that the edits will use.
+    """
+    edited.prepare(method)
 
 
 def _edited_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, stats: Any,
@@ -281,6 +419,7 @@ class _Run:
         self.generation_length = None if generation is None else min(
             generation.max_length, limit if limit is not None else generation.max_length)
         self.method_config: dict[str, Any] | None = None
+        self.first_edit: int | None = None  # the case whose edit gave method_config
         self.records: list[dict[str, Any]] = [
             {"case_id": case.case_id, "request": case.request.to_dict()} for case in data.cases]
         self.checkpoints: list[dict[str, Any]] = []
@@ -351,10 +490,13 @@ class _Run:
 
     def score_pre(self) -> None:
         for chunk in self._chunks(list(range(len(self.data))), "scoring (pre)"):
-            self.score(chunk, "pre")
-            self.generate(chunk, "pre")
+            self._score_pre_chunk(chunk)
 
-    def _chunks(self, indices: list[int], what: str, size: int = 256) -> Iterator[list[int]]:
+    def _score_pre_chunk(self, chunk: list[int]) -> None:
+        self.score(chunk, "pre")
+        self.generate(chunk, "pre")
+
+    def _chunks(self, indices: list[int], what: str, size: int = _PRE_CHUNK) -> Iterator[list[int]]:
         chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
         yield from tqdm(chunks, desc=what, disable=not self.progress or len(chunks) < 2)
 
@@ -365,14 +507,17 @@ class _Run:
         try:
             edits = self.edited.edit(case.request, method=method, check=False)  # the metrics say it
         except HfEditError as err:
-            logger.warning("Edit of case %s failed: %s", case.case_id, err)
-            self.records[index]["edit"] = {"ok": False, "error": f"{type(err).__name__}: {err}",
+            status = "refused" if isinstance(err, _REFUSED) else "failed"
+            logger.warning("Edit of case %s %s: %s", case.case_id, status, err)
+            self.records[index]["edit"] = {"ok": False, "status": status, "error_type": type(err).__name__,
+                                           "message": str(err), "error": f"{type(err).__name__}: {err}",
                                            "seconds": time.perf_counter() - started}
             return None
         seconds = time.perf_counter() - started
         self.timing["edit_seconds"] += seconds
         if self.method_config is None:
             self.method_config = edits[0].config
+            self.first_edit = index
         self.records[index]["edit"] = {"ok": True, "seconds": seconds, "modules": [e.module for e in edits],
                                        "info": _edit_summary(edits)}
         return edits
@@ -388,17 +533,85 @@ class _Run:
         indices = list(range(len(self.data)))
         bar = tqdm(total=len(indices), desc="editing (single)", disable=not self.progress)
         for start in range(0, len(indices), cases_per_batch):
-            chunk, applied = indices[start:start + cases_per_batch], {}
-            for i in chunk:
-                edits = self._edit(i, method)
-                if edits is not None:
-                    self.generate([i], "post")
-                    self._remove(edits)
-                    applied[i] = edits
-                bar.update()
-            if applied:
-                self.score(list(applied), "post", row_edits=applied)
+            self._single_chunk(indices[start:start + cases_per_batch], method, bar)
         bar.close()
+
+    def _single_chunk(self, chunk: list[int], method: Any, bar: Any) -> None:
+        """Edit each case of ``chunk`` alone (generation tests with its edit), then score them all together."""
+        applied: dict[int, list[Edit]] = {}
+        for i in chunk:
+            edits = self._edit(i, method)
+            if edits is not None:
+                self.generate([i], "post")
+                self._remove(edits)
+                applied[i] = edits
+            bar.update()
+        if applied:
+            self.score(list(applied), "post", row_edits=applied)
+
+    def shared(self, method: Any, cases_per_batch: int, group: ProcessGroup) -> None:
+        """The single protocol (or pre-edit scoring only, for ``method=None``) shared out across ``group``.
+
+        The units of work are the chunks a single process runs (pre-edit scoring chunks, then post-edit batches of
+        ``cases_per_batch`` cases), so every case is scored in the same batch as there; unit ``u`` of the
+        concatenated list goes to process ``u mod size``.  Then the records are gathered on every process.
+        """
+        everything = list(range(len(self.data)))
+        pre = [everything[i:i + _PRE_CHUNK] for i in range(0, len(everything), _PRE_CHUNK)]
+        post = [] if method is None else [everything[i:i + cases_per_batch]
+                                          for i in range(0, len(everything), cases_per_batch)]
+        mine_pre = [chunk for u, chunk in enumerate(pre) if group.owns(u)]
+        mine_post = [chunk for u, chunk in enumerate(post, start=len(pre)) if group.owns(u)]
+        bar = tqdm(total=sum(map(len, mine_post)), desc=f"editing (single, process {group.rank} of {group.size})",
+                   disable=not self.progress or method is None)
+
+        def work() -> None:
+            for chunk in mine_pre:
+                self._score_pre_chunk(chunk)
+            for chunk in mine_post:
+                self._single_chunk(chunk, method, bar)
+
+        _, error = attempt(work)
+        bar.close()
+        mine = [i for chunk in mine_pre + mine_post for i in chunk]
+        share = None if error is not None else self._share(sorted(set(mine)))
+        gathered: list[Any] = [None] * group.size
+        dist.all_gather_object(gathered, (None if error is None else f"{type(error).__name__}: {error}", share))
+        if error is not None:
+            raise error
+        failed = [(rank, message) for rank, (message, _) in enumerate(gathered) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise HfEditError(f"Process {rank} of {group.size} failed while evaluating its share of the cases "
+                              f"({message}); there is no result.")
+        self._merge([part for _, part in gathered])
+
+    def _share(self, indices: list[int]) -> dict[str, Any]:
+        """What this process found: the phases of its cases, its timings and the first edit's config."""
+        base = {"case_id", "request"}
+        return {"records": {i: {k: v for k, v in self.records[i].items() if k not in base} for i in indices},
+                "timing": dict(self.timing), "first_edit": self.first_edit, "method_config": self.method_config}
+
+    def _merge(self, shares: list[dict[str, Any]]) -> None:
+        """Every process's findings, in case order and in the order a single process records the phases."""
+        parts: dict[int, list[dict[str, Any]]] = {}
+        for share in shares:
+            for index, part in share["records"].items():
+                parts.setdefault(int(index), []).append(part)
+        for index, record in enumerate(self.records):
+            found = parts.get(index, [])
+            record.clear()
+            record.update({"case_id": self.data.cases[index].case_id,
+                           "request": self.data.cases[index].request.to_dict()})
+            for key in ("pre", "edit", "post"):
+                for part in found:
+                    if key in part:
+                        record[key] = part[key]
+        self.timing = {key: sum(share["timing"].get(key, 0.0) for share in shares) for key in self.timing}
+        firsts = [share for share in shares if share["first_edit"] is not None]
+        if firsts:
+            first = min(firsts, key=lambda share: share["first_edit"])
+            self.first_edit, self.method_config = first["first_edit"], first["method_config"]
 
     def sequential(self, method: Any, every: int | None) -> None:
         made: list[Edit] = []

@@ -32,19 +32,20 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import DatasetFormatError
 from ..tokens import pad_token_id
 from . import aggregate
-from .data import ZsRECase
+from .data import ZsRECase, case_from_record
 from .scoring import BatchContext, score_continuations
 
-__all__ = ["ZSRE_KINDS", "ZSRE_METRICS", "ZSRE_PATHS", "ZsRERow", "ZsRERows", "resolve_zsre_path", "summarize_zsre",
-           "zsre_case_metrics", "zsre_correct", "zsre_scores", "correct_by_case", "metric_inputs",
+__all__ = ["ZSRE_KINDS", "ZSRE_METRICS", "ZSRE_PATHS", "ZsRERow", "ZsRERows", "as_zsre_case", "resolve_zsre_path",
+           "summarize_zsre", "zsre_case_metrics", "zsre_correct", "zsre_scores", "correct_by_case", "metric_inputs",
            "zsre_input_strings", "zsre_inputs", "zsre_rows"]
 
 #: Prompt kinds, in the reference's order.
@@ -58,6 +59,24 @@ ZSRE_PATHS = ("auto", "string", "ids")
 
 ZsREPath = Literal["auto", "string", "ids"]
 ResolvedPath = Literal["string", "ids"]
+ZsRELike = ZsRECase | Mapping[str, Any]
+
+
+def as_zsre_case(record: ZsRELike, index: int = 0) -> ZsRECase:
+    """``record`` as a :class:`~hf_edit.evaluation.ZsRECase`: a case as it is, a plain dict built directly with
+    :func:`~hf_edit.evaluation.case_from_record` (``src``, ``subject``, ``answers``; optional ``rephrase``,
+    ``loc``/``loc_ans``, ``case_id``).  The edit target is ``answers[0]``, as in the reference.
+
+    Raises:
+        DatasetFormatError: the dict lacks a field the metric needs (named).
+    """
+    if isinstance(record, ZsRECase):
+        return record
+    if not isinstance(record, Mapping):
+        raise DatasetFormatError(f"A zsRE record must be a ZsRECase or a dict, got {type(record).__name__}.")
+    case = case_from_record(record, data_format="zsre", index=index)
+    assert isinstance(case, ZsRECase)
+    return case
 
 
 class ZsRERow(NamedTuple):
@@ -120,9 +139,10 @@ def resolve_zsre_path(tokenizer: PreTrainedTokenizerBase, path: ZsREPath = "auto
 
 
 def _prompts(case: ZsRECase) -> dict[str, tuple[str, ...]]:
-    """The prompts of the answer test by kind (the neighbourhood prompt with the reference's ``"?"``)."""
+    """The prompts of the answer test by kind (the neighbourhood prompt with the reference's ``"?"``; none for a
+    record without a neighbourhood question)."""
     return {"rewrite": (case.request.filled_prompt,), "paraphrase": tuple(case.paraphrase_prompts),
-            "neighborhood": (case.neighborhood_question + "?",)}
+            "neighborhood": (case.neighborhood_question + "?",) if case.neighborhood_question else ()}
 
 
 def _answers(case: ZsRECase) -> dict[str, str]:
@@ -131,13 +151,14 @@ def _answers(case: ZsRECase) -> dict[str, str]:
             "neighborhood": case.neighborhood_answer}
 
 
-def zsre_input_strings(tokenizer: PreTrainedTokenizerBase, case: ZsRECase) -> dict[str, list[tuple[str, str]]]:
-    """The reference's ``(input string, target string)`` pairs of a record by kind.
+def zsre_input_strings(tokenizer: PreTrainedTokenizerBase, case: ZsRELike) -> dict[str, list[tuple[str, str]]]:
+    """The reference's ``(input string, target string)`` pairs of a record (a case or a plain dict) by kind.
 
     With ``t = tok(" " + answer)`` (the tokenizer's special tokens included, as the reference calls it), the pairs
     of a prompt P are ``(P + decode(t[:i]), decode(t[i]))`` for ``i < |t|``; the neighbourhood prompt is
     ``loc + "?"``.
     """
+    case = as_zsre_case(case)
     answers = _answers(case)
     pairs: dict[str, list[tuple[str, str]]] = {}
     for kind, prompts in _prompts(case).items():
@@ -169,9 +190,10 @@ def _id_rows(tokenizer: PreTrainedTokenizerBase, case: ZsRECase) -> dict[str, li
     return rows
 
 
-def zsre_inputs(tokenizer: PreTrainedTokenizerBase, case: ZsRECase, path: ZsREPath = "auto"
+def zsre_inputs(tokenizer: PreTrainedTokenizerBase, case: ZsRELike, path: ZsREPath = "auto"
                 ) -> dict[str, list[ZsRERow]]:
-    """The rows of one record by kind (``"rewrite"``, ``"paraphrase"``, ``"neighborhood"``).
+    """The rows of one record (a case or a plain dict) by kind (``"rewrite"``, ``"paraphrase"``,
+    ``"neighborhood"``).
 
     ``path="string"``: one row per :func:`zsre_input_strings` pair: context ``tok(input string)``, nothing forced,
     expected the first id of ``tok(target string)``.  ``path="ids"``: one row per prompt: context ``tok(P)``,
@@ -179,16 +201,17 @@ def zsre_inputs(tokenizer: PreTrainedTokenizerBase, case: ZsRECase, path: ZsREPa
     that tokenises to nothing).  ``"auto"``: see :func:`resolve_zsre_path`.
     """
     resolved = resolve_zsre_path(tokenizer, path)
+    case = as_zsre_case(case)
     return _string_rows(tokenizer, case) if resolved == "string" else _id_rows(tokenizer, case)
 
 
-def zsre_rows(tokenizer: PreTrainedTokenizerBase, cases: Sequence[ZsRECase], path: ZsREPath = "auto") -> ZsRERows:
-    """The rows of all records, flattened (record by record, kinds in :data:`ZSRE_KINDS` order), with the record
-    index and kind of each row: the row → record mapping for a ``batch_context``."""
+def zsre_rows(tokenizer: PreTrainedTokenizerBase, cases: Sequence[ZsRELike], path: ZsREPath = "auto") -> ZsRERows:
+    """The rows of all records (cases or plain dicts), flattened (record by record, kinds in :data:`ZSRE_KINDS`
+    order), with the record index and kind of each row: the row → record mapping for a ``batch_context``."""
     resolved = resolve_zsre_path(tokenizer, path)
     rows, case_index, kinds = [], [], []
     for c, case in enumerate(cases):
-        per_kind = zsre_inputs(tokenizer, case, resolved)
+        per_kind = zsre_inputs(tokenizer, as_zsre_case(case, c), resolved)
         for kind in ZSRE_KINDS:
             rows += per_kind[kind]
             case_index += [c] * len(per_kind[kind])
@@ -196,7 +219,7 @@ def zsre_rows(tokenizer: PreTrainedTokenizerBase, cases: Sequence[ZsRECase], pat
     return ZsRERows(path=resolved, rows=tuple(rows), case_index=tuple(case_index), kind=tuple(kinds))
 
 
-def zsre_correct(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Sequence[ZsRECase], *,
+def zsre_correct(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Sequence[ZsRELike], *,
                  path: ZsREPath = "auto", batch_size: int = 64, batch_context: BatchContext | None = None,
                  rows: ZsRERows | None = None, row_cases: list[int] | None = None) -> list[dict[str, list[bool]]]:
     """Per record, per kind, whether each answer token is predicted (the reference's ``*_correct`` lists).
@@ -204,6 +227,9 @@ def zsre_correct(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Se
     Every row of every record goes through one :func:`~hf_edit.evaluation.scoring.score_continuations` call.
 
     Args:
+        model: a causal LM, a ``PeftModel`` or an :class:`~hf_edit.EditedModel` (scored with its edits).
+        cases: :class:`~hf_edit.evaluation.ZsRECase` objects or plain dicts with the fields the metric reads
+            (see :func:`as_zsre_case`).
         path: ``"auto"``, ``"string"`` or ``"ids"`` (see the module docstring); record
             ``resolve_zsre_path(tokenizer, path)`` (or ``rows.path``) with the results.
         batch_size: rows per forward pass.
@@ -215,7 +241,9 @@ def zsre_correct(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cases: Se
 
     Raises:
         ValueError: ``rows`` was built with another path than an explicit ``path``, or for other cases.
+        DatasetFormatError: a dict lacks a field the metric needs (named).
     """
+    cases = [as_zsre_case(case, index) for index, case in enumerate(cases)]
     if rows is None:
         rows = zsre_rows(tokenizer, cases, path)
     elif path != "auto" and rows.path != resolve_zsre_path(tokenizer, path):

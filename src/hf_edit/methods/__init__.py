@@ -21,14 +21,14 @@ from .registry import (
 
 # Built-in methods (each registers itself).
 from . import alphaedit, emmet, ft, ke, kn, memit, mend, rome  # noqa: E402,F401  isort: skip
-from .ft import FTConfig, FTEditor, FTLConfig  # noqa: E402
-from .kn import KNConfig, KNEditor  # noqa: E402
-from .rome import ROMEConfig, ROMEEditor  # noqa: E402
-from .memit import MEMITConfig, MEMITEditor  # noqa: E402
-from .emmet import EMMETConfig, EMMETEditor  # noqa: E402
 from .alphaedit import AlphaEditConfig, AlphaEditEditor  # noqa: E402
-from .mend import MENDConfig, MENDEditor  # noqa: E402
+from .emmet import EMMETConfig, EMMETEditor  # noqa: E402
+from .ft import FTConfig, FTEditor, FTLConfig  # noqa: E402
 from .ke import KEConfig, KEEditor  # noqa: E402
+from .kn import KNConfig, KNEditor  # noqa: E402
+from .memit import MEMITConfig, MEMITEditor  # noqa: E402
+from .mend import MENDConfig, MENDEditor  # noqa: E402
+from .rome import ROMEConfig, ROMEEditor  # noqa: E402
 
 __all__ = ["EditConfig", "Editor", "EditContext", "Update", "StatisticsProvider", "match_preset", "register_method",
            "available_methods", "get_method", "resolve_config", "config_from_dict", "MethodEntry", "DEFAULT_METHOD",

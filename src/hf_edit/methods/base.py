@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from ..stats import SecondMomentStats
 
-__all__ = ["EditConfig", "Editor", "EditContext", "Update", "StatisticsProvider", "match_preset", "model_id_of"]
+__all__ = ["AUTO", "EditConfig", "Editor", "EditContext", "Update", "StatisticsProvider", "match_preset", "model_id_of"]
 
 C = TypeVar("C", bound="EditConfig")
 
@@ -76,13 +76,17 @@ def match_preset(presets: Mapping[str, Mapping[str, Any]], model_id: str | None)
     return None
 
 
-def _normalise_layers(layers: Any) -> tuple[int, ...] | None:
-    if layers is None:
-        return None
+#: ``layers=AUTO``: the layers are chosen by causal tracing of the requests (see :class:`EditConfig`).
+AUTO = "auto"
+
+
+def _normalise_layers(layers: Any) -> tuple[int, ...] | str | None:
+    if layers is None or layers == AUTO:
+        return layers
     if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         return (int(layers),)
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise ConfigError(f"layers must be an int or a sequence of ints, got {layers!r}.")
+        raise ConfigError(f"layers must be an int, a sequence of ints or 'auto', got {layers!r}.")
     values = tuple(layers)
     if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in values):
         raise ConfigError(f"layers must be integers, got {layers!r}.")
@@ -126,7 +130,12 @@ class EditConfig:
 
     Args:
         layers: decoder layer(s) to edit (0-based; negative counts from the end).  ``None``: the preset for the
-            model id, else :meth:`default_layers`.
+            model id, else :meth:`default_layers`.  ``"auto"``: chosen by causal tracing when the config is first
+            used by an ``EditedModel``: the averaged MLP indirect effect at the subject's last token over the
+            requests of that call (facts whose true object the model does not predict are left out) picks the
+            peak layer, or the best window of :attr:`auto_layer_count` contiguous layers
+            (:func:`hf_edit.tracing.choose_layers`); the trace is cached per model.  To trace other facts, pass
+            ``layers=hf_edit.tracing.suggest_layers(model, tokenizer, facts)``.
         rewrite_module_tmp: module path with ``{}`` for the layer (e.g. ``"transformer.h.{}.mlp.c_proj"``);
             default: the MLP output projection found by architecture discovery.
     """
@@ -136,8 +145,10 @@ class EditConfig:
     description: ClassVar[str] = ""
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     reference_only_keys: ClassVar[frozenset[str]] = frozenset()
+    #: How many contiguous layers ``layers="auto"`` chooses (1 for ROME; a window for MEMIT-style methods).
+    auto_layer_count: ClassVar[int] = 1
 
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | None = None
     rewrite_module_tmp: str | None = None
 
     def __post_init__(self) -> None:
@@ -208,6 +219,9 @@ class EditConfig:
     def resolved_for(self: C, model: nn.Module) -> C:
         """This config with ``layers`` filled in: the preset's layers for the model's id, else
         :meth:`default_layers`."""
+        if self.layers == AUTO:
+            raise ConfigError("layers='auto' is resolved by EditedModel from the requests of an edit; outside it, "
+                              "pass layers=hf_edit.tracing.suggest_layers(model, tokenizer, facts).")
         if self.layers is not None:
             return self
         preset = match_preset(type(self).presets, model_id_of(model))
@@ -454,6 +468,13 @@ class Editor(ABC):
         tokenise, its subject is not found).  The default checks the target and the modules; extend it."""
         target_ids(self.tokenizer, request.target_new)
         self.targets()
+
+    def prepare(self) -> None:
+        """Load or compute what the editor reads before its first request (e.g. second-moment statistics).
+
+        Called by :meth:`hf_edit.EditedModel.prepare`; under a multi-process group (data-parallel evaluation)
+        every process calls it together, before the work is shared out, because computing statistics is
+        collective.  The default does nothing; editors that read statistics load them here."""
 
     @abstractmethod
     def compute(self, requests: Sequence[EditRequest]) -> list[Update]:

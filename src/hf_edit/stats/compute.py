@@ -1,14 +1,28 @@
 """Computing second-moment statistics C = E[k kᵀ] of the edited projection's input, and their cache (rome-spec §5).
 
-ROME's left vector is u = C⁻¹ k̄, where C is the uncentred second moment of the *key* (the input of the MLP output
-projection) over every non-padding token of a sample of texts.  C is computed faithfully to the reference
-(``rome/layer_stats.py``): ``random.Random(seed)`` permutation of the texts, the first ``n_samples`` kept, each text
-truncated to the model's maximum length, length-sorted right-padded batches, forward pass stopped after the module.
+ROME's left vector is u = C⁻¹k̄, where C is the uncentred second moment of the *key* (the input of the MLP output
+projection) over every non-padding token of a sample of texts.  What is summed is the reference's
+(``rome/layer_stats.py``): every token of the sampled texts (:func:`~hf_edit.stats.sample_texts`: the reference's
+``random.Random(seed)`` permutation for local data, a seeded sample of a streamed prefix for Hub data sets), each
+text truncated to the model's maximum length.  How it is summed is faster:
+
+* the forward pass stops *before* the projection runs (a forward pre-hook), not after;
+* texts are tokenised a thousand at a time, sorted by length and cut into right-padded batches of about
+  :data:`DEFAULT_BATCH_TOKENS` tokens (the reference: 3 × max length, i.e. 192 tokens for a 64-position model);
+  padding stays below a few per cent, so texts are not packed into shared rows;
+* each batch's products kᵀk are computed in float32 (``product_dtype``) over the upper block triangle only (blocks
+  of :data:`GRAM_BLOCK` columns, about 5/8 of the multiply-adds of the full product), then added to a float64 sum;
+  the lower triangle is filled in at the end, so S is exactly symmetric.  Relative to exact float64 products this
+  changes S by about 1e-7 relative (float32 rounding of each batch's sum over ≤ a few thousand tokens), which is
+  the size of the float32 forward pass's own noise on the keys; ``product_dtype="float64"`` computes exact float64
+  products for comparison.
 
 Statistics are cached on disk as safetensors files named by a content fingerprint (base weights, tokenizer, module,
-data, sample size, maximum length, dtype, seed), never by the model's display name.  Under an initialised
-``torch.distributed`` group of several processes (``accelerate launch``) the batches are shared out and the sums
-all-reduced (:mod:`hf_edit.stats.distributed`); the cache file and its key are the same as a single process's.
+data and its sampling scheme, sample size, maximum length, dtypes, seed), never by the model's display name.
+Statistics computed from a Hub data set (keyed by its commit) are found again when the Hub cannot be reached.
+Under an initialised ``torch.distributed`` group of several processes (``accelerate launch``) the batches are shared
+out and the sums all-reduced (:mod:`hf_edit.stats.distributed`); the cache file and its key are the same as a
+single process's.
 """
 
 from __future__ import annotations
@@ -19,11 +33,10 @@ import inspect
 import json
 import logging
 import os
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,23 +45,33 @@ from tqdm.auto import tqdm
 from ..architecture import EditTarget, base_layer, max_positions, unwrap_model
 from ..errors import ConfigError, InsufficientStatisticsError, StatisticsError
 from ..files import hf_edit_cache_dir
-from ..hooks import capture, eval_mode, run_until
-from ..tokens import pad_batch, pad_token_id
+from ..hooks import StopForward, as_batch_seq, eval_mode, forward_hook, run_until
+from ..tokens import pad_token_id
 from ..version import __version__
 from .distributed import ProcessGroup, attempt, current_group
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .second_moment import CACHE_FORMAT, SecondMomentStats
-from .texts import text_dataset
+from .texts import (
+    STREAM_OVERSAMPLE,
+    HubUnreachableError,
+    SampledTexts,
+    StreamEndedEarly,
+    sample_texts,
+)
 
-if TYPE_CHECKING:
-    import datasets
-
-__all__ = ["compute_second_moment", "load_or_compute_stats", "stats_cache_dir"]
+__all__ = ["DEFAULT_BATCH_TOKENS", "GRAM_BLOCK", "GramSum", "compute_second_moment", "load_or_compute_stats",
+           "stats_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
 _ACCUMULATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TEXTS_PER_CHUNK = 1000  # texts tokenised, length-sorted and batched together (bounds memory)
+#: Default tokens per batch (rows × padded width), at least 3 × the maximum length as in the reference.
+DEFAULT_BATCH_TOKENS = 1024
+#: Columns per block of the upper-block-triangular product kᵀk.
+GRAM_BLOCK = 256
+#: Key vectors multiplied together (consecutive forward batches are grouped up to at least this many).
+GRAM_TOKENS = 4096
 
 
 def stats_cache_dir() -> Path:
@@ -60,7 +83,9 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
                           n_samples: int | None, dtype: str = "float64", max_length: int | None = None,
                           batch_tokens: int | None = None, seed: int = 1,
                           base_context: Callable[[], AbstractContextManager] | None = None,
-                          progress: bool = True, model_revision: str | None = None) -> SecondMomentStats:
+                          progress: bool = True, model_revision: str | None = None,
+                          product_dtype: str | None = None,
+                          stream_oversample: int = STREAM_OVERSAMPLE) -> SecondMomentStats:
     """Second-moment statistics of ``target``'s input over ``n_samples`` texts of ``dataset`` (no cache).
 
     Under an initialised ``torch.distributed`` group of several processes, every process must call this with the
@@ -70,26 +95,37 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
         model: a transformers causal LM, possibly with LoRA layers (the module is hooked as it is).
         tokenizer: its tokenizer (default special tokens are added, as in the reference).
         target: the projection whose input is the key.
-        dataset: anything :func:`~hf_edit.stats.text_dataset` accepts.
+        dataset: anything :func:`~hf_edit.stats.sample_texts` accepts: a ``datasets.Dataset``, a local text file or
+            folder, or a Hub dataset id (streamed; ``"wikipedia"`` means ``"wikimedia/wikipedia:20231101.en"``).
         n_samples: number of **texts** sampled (``None``: all).
-        dtype: accumulation dtype, ``"float64"`` (default) or ``"float32"`` (the reference's).
+        dtype: dtype of the stored sum and of the solve, ``"float64"`` (default; summed in float64, Cholesky
+            solve) or ``"float32"`` (the reference's; summed in float64 and stored as float32, explicit inverse).
         max_length: truncation length, capped by the model's maximum length.
-        batch_tokens: padded tokens per batch (default 3 × max length, as the reference).
+        batch_tokens: padded tokens per batch (default :data:`DEFAULT_BATCH_TOKENS`, at least 3 × max length).
+            It only changes the order of the additions.
         seed: seed of the ``random.Random`` permutation of the texts (the reference uses 1).
         base_context: zero-argument callable giving a context manager under which ``model`` is the base model
             (e.g. ``peft_model.disable_adapter``).
         progress: show a tqdm progress bar (on the main process only).
         model_revision: the Hub revision ``model`` was loaded from (part of its fingerprint).
+        product_dtype: dtype of each group of batches' products kᵀk before they are added to the float64 sum
+            (default: ``dtype``).  ``"float64"``: exact products of the (float32) keys.  ``"float32"``: about 1.4×
+            faster on CPU, far faster on GPUs with slow float64; S then differs from exact float64 by about 2e-7
+            relative (float32 rounding), which moved u = C⁻¹k by up to 1e-5 relative on cf-facts-gpt2 (cond(C)
+            ≈ 4e3) against 2e-5 for the reference's float32 running sum and inverse (benchmarks/bench_stats.py).
+        stream_oversample: Hub data sets: the texts are sampled from the first ``stream_oversample × n_samples``
+            rows of the stream.
 
     Raises:
         InsufficientStatisticsError: n ≤ I key vectors were seen.
+        HubUnreachableError: a Hub data set while offline or without network (a :class:`StatisticsError`).
         ConfigError: bad dtype, data set or lengths.
         StatisticsError: another process failed, or the processes were given different arguments.
     """
     group = current_group()
-    ds, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
-                               model_revision)
-    return _accumulate(group, model, tokenizer, target, ds, description, batch_tokens=batch_tokens,
+    texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
+                                  model_revision, product_dtype, stream_oversample, None)
+    return _accumulate(group, model, tokenizer, target, texts, description, batch_tokens=batch_tokens,
                        base_context=base_context, progress=progress)
 
 
@@ -97,27 +133,31 @@ def load_or_compute_stats(model: nn.Module, tokenizer: Any, target: EditTarget, 
                           n_samples: int | None, dtype: str = "float64", max_length: int | None = None,
                           batch_tokens: int | None = None, cache_dir: str | os.PathLike | None = None,
                           base_context: Callable[[], AbstractContextManager] | None = None, progress: bool = True,
-                          seed: int = 1, model_revision: str | None = None) -> SecondMomentStats:
+                          seed: int = 1, model_revision: str | None = None, product_dtype: str | None = None,
+                          stream_oversample: int = STREAM_OVERSAMPLE) -> SecondMomentStats:
     """Statistics from the content-addressed cache, or computed (see :func:`compute_second_moment`) and cached.
 
     The file is ``<cache_dir or stats_cache_dir()>/<module>__<key[:20]>.safetensors``; the result's ``path`` names
-    it and its ``from_cache`` says whether it was read rather than computed by this call.  Under an initialised
-    ``torch.distributed`` group of several processes the computation is shared out, only the main process writes
-    the file (atomically), and the other processes wait for it and then read it; the cache folder must be visible to
-    all of them.
+    it and its ``from_cache`` says whether it was read rather than computed by this call.  A Hub data set is keyed
+    by the commit it resolves to; when the Hub cannot be reached, the newest cached statistics of the same data set
+    with otherwise the same settings are used (and the commit they were computed from is logged).  Under an
+    initialised ``torch.distributed`` group of several processes the computation is shared out, only the main
+    process writes the file (atomically), and the other processes wait for it and then read it; the cache folder
+    must be visible to all of them.
 
     Raises:
         StatisticsCacheError: the cache file exists but is corrupted or for another key (it is left untouched).
         InsufficientStatisticsError: too few key vectors (nothing is cached).
+        HubUnreachableError: a Hub data set, no network (or offline mode) and nothing cached for it.
         StatisticsError: another process failed (nothing is cached), or the processes were given different
             arguments.
     """
     group = current_group()
-    ds, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
-                               model_revision)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else stats_cache_dir()
+    texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
+                                  model_revision, product_dtype, stream_oversample, folder)
     key = _cache_key(description)
-    path = Path(cache_dir).expanduser() if cache_dir is not None else stats_cache_dir()
-    path = path / f"{target.name}__{key[:20]}.safetensors"
+    path = folder / _cache_name(target.name, key)
     exists = path.exists() if group is None or group.is_main else None
     if group is not None:
         exists = group.from_main(exists)  # one decision for all processes
@@ -126,7 +166,7 @@ def load_or_compute_stats(model: nn.Module, tokenizer: Any, target: EditTarget, 
         stats = SecondMomentStats.load(path, expected_key=key)
         stats.from_cache = True
         return stats
-    stats = _accumulate(group, model, tokenizer, target, ds, description, batch_tokens=batch_tokens,
+    stats = _accumulate(group, model, tokenizer, target, texts, description, batch_tokens=batch_tokens,
                         base_context=base_context, progress=progress)
     if group is None:
         stats.save(path, key=key)
@@ -148,6 +188,12 @@ def _accumulation_dtype(dtype: str) -> torch.dtype:
     return _ACCUMULATION_DTYPES[dtype]
 
 
+def _product_dtype(product_dtype: str) -> torch.dtype:
+    if product_dtype not in _ACCUMULATION_DTYPES:
+        raise ConfigError(f"product_dtype must be one of {sorted(_ACCUMULATION_DTYPES)}, got {product_dtype!r}.")
+    return _ACCUMULATION_DTYPES[product_dtype]
+
+
 def _max_length(model: nn.Module, max_length: int | None) -> int:
     """min(max_length, the model's n_positions / max_position_embeddings)."""
     if max_length is not None and int(max_length) < 1:
@@ -158,29 +204,64 @@ def _max_length(model: nn.Module, max_length: int | None) -> int:
     return min(limits)
 
 
-def _describe(model: nn.Module, tokenizer: Any, target: EditTarget, dataset_fingerprint: str,
-              n_samples: int | None, max_len: int, dtype: str, seed: int,
-              model_revision: str | None) -> dict[str, Any]:
+def _batch_tokens(batch_tokens: int | None, max_len: int) -> int:
+    if batch_tokens is None:
+        return max(DEFAULT_BATCH_TOKENS, 3 * max_len)
+    if int(batch_tokens) < 1:
+        raise ConfigError(f"batch_tokens must be ≥ 1, got {batch_tokens}.")
+    return int(batch_tokens)
+
+
+def _describe(model: nn.Module, tokenizer: Any, target: EditTarget, texts: SampledTexts, max_len: int, dtype: str,
+              product_dtype: str, model_revision: str | None) -> dict[str, Any]:
     """Everything the statistics depend on (the cache key is a hash of this)."""
-    if n_samples is not None and int(n_samples) < 1:
-        raise ConfigError(f"n_samples must be ≥ 1 (a number of texts), got {n_samples}.")
     return {"module": target.name, "model_fingerprint": model_fingerprint(model, model_revision),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "dataset": dataset_fingerprint,
-            "n_samples": None if n_samples is None else int(n_samples), "max_length": max_len, "dtype": dtype,
-            "seed": int(seed), "format": CACHE_FORMAT}
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "dataset": texts.dataset,
+            "sampling": texts.sampling, "n_samples": None if texts.n_samples is None else int(texts.n_samples),
+            "max_length": max_len, "dtype": dtype, "products": product_dtype, "seed": texts.seed,
+            "format": CACHE_FORMAT}
+
+
+class _Unreachable(SampledTexts):
+    """A Hub sample that cannot be read (no network); its statistics were found in the cache."""
+
+    def __init__(self, texts: SampledTexts, error: HubUnreachableError) -> None:
+        super().__init__(texts.n_samples, texts.seed)
+        self.dataset, self.sampling, self._error = texts.dataset, texts.sampling, error
+
+    def chunks(self, size: int) -> Any:
+        raise self._error
+
+    def expected_texts(self) -> int | None:
+        return self.n_samples
 
 
 def _prepare_here(model: nn.Module, tokenizer: Any, target: EditTarget, dataset: Any, n_samples: int | None,
-                  dtype: str, max_length: int | None, seed: int,
-                  model_revision: str | None) -> tuple[datasets.Dataset, dict[str, Any]]:
+                  dtype: str, max_length: int | None, seed: int, model_revision: str | None,
+                  product_dtype: str | None,
+                  oversample: int, cache_folder: Path | None) -> tuple[SampledTexts, dict[str, Any]]:
     _accumulation_dtype(dtype)
-    ds, dataset_fingerprint = text_dataset(dataset)
+    product_dtype = dtype if product_dtype is None else product_dtype
+    _product_dtype(product_dtype)
     max_len = _max_length(model, max_length)
-    return ds, _describe(model, tokenizer, target, dataset_fingerprint, n_samples, max_len, dtype, seed,
-                         model_revision)
+    try:
+        texts = sample_texts(dataset, n_samples, seed, oversample=oversample)
+    except HubUnreachableError as unreachable:
+        if cache_folder is None:
+            raise
+        unresolved = sample_texts(dataset, n_samples, seed, oversample=oversample, resolve=False)
+        description = _describe(model, tokenizer, target, unresolved, max_len, dtype, product_dtype, model_revision)
+        cached = _cached_hub_description(cache_folder, target, description)
+        if cached is None:
+            raise
+        logger.warning("The Hub cannot be reached; using the cached statistics of %s (the newest computed with "
+                       "these settings). A newer commit of the data set cannot be checked for offline.",
+                       cached["dataset"])
+        return _Unreachable(unresolved, unreachable), cached
+    return texts, _describe(model, tokenizer, target, texts, max_len, dtype, product_dtype, model_revision)
 
 
-def _prepare(group: ProcessGroup | None, *args: Any) -> tuple[datasets.Dataset, dict[str, Any]]:
+def _prepare(group: ProcessGroup | None, *args: Any) -> tuple[SampledTexts, dict[str, Any]]:
     """The texts and the description of the statistics.  Several processes: the main process first (it may fill the
     datasets cache that the others then read), then the others; all must arrive at the same cache key."""
     if group is None:
@@ -200,16 +281,27 @@ def _cache_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _cache_name(module: str, key: str) -> str:
+    return f"{module}__{key[:20]}.safetensors"
+
+
+def _cached_hub_description(folder: Path, target: EditTarget, description: dict[str, Any]) -> dict[str, Any] | None:
+    """The description of the newest cache file computed from the same Hub data set (any commit) with otherwise
+    the same settings as ``description`` (whose ``dataset`` is the data set's fingerprint without the commit)."""
+    prefix = description["dataset"]
+    found: list[tuple[float, dict[str, Any]]] = []
+    for path in folder.glob(f"{target.name}__*.safetensors") if folder.is_dir() else ():
+        recorded = SecondMomentStats.read_metadata(path).get("dataset")
+        if isinstance(recorded, str) and recorded.startswith(prefix) and len(recorded) > len(prefix):
+            candidate = {**description, "dataset": recorded}
+            if path.name == _cache_name(target.name, _cache_key(candidate)):
+                found.append((path.stat().st_mtime, candidate))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Accumulation
 # --------------------------------------------------------------------------------------------------------------
-def _sample_indices(n_rows: int, n_samples: int | None, seed: int) -> list[int]:
-    """The reference's sampling: ``Random(seed)`` shuffle of all row indices, first ``n_samples`` kept."""
-    indices = list(range(n_rows))
-    random.Random(seed).shuffle(indices)
-    return indices if n_samples is None else indices[:n_samples]
-
-
 def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Group indices, longest first, into batches with rows × width ≤ batch_tokens (a longer text goes alone)."""
     batches: list[list[int]] = []
@@ -231,82 +323,163 @@ def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(unwrap_model(model).forward).parameters
 
 
+class GramSum:
+    """S = Σ kᵀk over batches of key vectors, kept in float64.
+
+    Each batch's product is computed in ``product_dtype`` over the upper block triangle only (row blocks of
+    ``block`` columns times the columns from the block's diagonal on), then added to the float64 sum;
+    :meth:`result` fills in the lower triangle from the upper one, so S is exactly symmetric.  The float32
+    rounding error of a batch's product is of the order of ε₃₂ = 6e-8 times the sum of |k_i k_j| over the batch
+    (its blocked summation grows slowly with the batch's token count); summing batches in float64 adds nothing
+    measurable, unlike a float32 running sum over millions of tokens.
+
+    Args:
+        dim: key width I.
+        device: where the sum is kept (the module's device).
+        product_dtype: ``torch.float32`` or ``torch.float64``.
+        block: columns per block (:data:`GRAM_BLOCK`).
+    """
+
+    def __init__(self, dim: int, device: torch.device | str, product_dtype: torch.dtype = torch.float32,
+                 block: int = GRAM_BLOCK) -> None:
+        self.dim, self.block, self.product_dtype = int(dim), max(1, int(block)), product_dtype
+        self.total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Add kᵀk of ``keys`` (n, I) and count its n vectors."""
+        keys = keys.to(device=self.total.device, dtype=self.product_dtype)
+        for start in range(0, self.dim, self.block):
+            stop = min(start + self.block, self.dim)
+            self.total[start:stop, start:] += keys[:, start:stop].T @ keys[:, start:]
+        self.count += int(keys.shape[0])
+
+    def result(self) -> torch.Tensor:
+        """The symmetric float64 sum S."""
+        return torch.triu(self.total) + torch.triu(self.total, 1).T
+
+
 def _accumulate(group: ProcessGroup | None, model: nn.Module, tokenizer: Any, target: EditTarget,
-                ds: datasets.Dataset, description: dict[str, Any], *, batch_tokens: int | None,
+                texts: SampledTexts, description: dict[str, Any], *, batch_tokens: int | None,
                 base_context: Callable[[], Any] | None, progress: bool) -> SecondMomentStats:
     """Run the sampled texts through the base model and sum k kᵀ over their non-padding tokens; with several
     processes, each runs its share of the batches and their sums are added up."""
-    indices = _sample_indices(len(ds), description["n_samples"], description["seed"])
-    logger.info("Computing second-moment statistics of %s over %d texts (%s%s).", target.name, len(indices),
-                description["dtype"], "" if group is None else f", {group.size} processes")
     acc_dtype = _accumulation_dtype(description["dtype"])
+    product_dtype = _product_dtype(description["products"])
     max_len = description["max_length"]
+    tokens_per_batch = _batch_tokens(batch_tokens, max_len)
+    expected = texts.expected_texts()
+    logger.info("Computing second-moment statistics of %s over %s texts of %s (%s%s).", target.name,
+                "all" if expected is None else expected, description["dataset"], description["dtype"],
+                "" if group is None else f", {group.size} processes")
+    if torch.get_float32_matmul_precision() != "highest":
+        logger.warning("torch.set_float32_matmul_precision(%r) is in effect: the keys and their products are "
+                       "computed with reduced precision (TF32/bf16), which degrades the statistics. Set it to "
+                       "'highest' to compute them.", torch.get_float32_matmul_precision())
 
-    def local_sums() -> tuple[torch.Tensor, int]:
-        texts = ds.select(indices)
+    def local_sums() -> tuple[torch.Tensor, int, int]:
         context: AbstractContextManager = base_context() if base_context is not None else contextlib.nullcontext()
         with context, eval_mode(model), torch.no_grad():
-            return _sum_keys(model, tokenizer, target, texts, acc_dtype, max_len, int(batch_tokens or 3 * max_len),
-                             progress and (group is None or group.is_main), group)
+            while True:
+                try:
+                    return _sum_keys(model, tokenizer, target, texts.chunks(_TEXTS_PER_CHUNK), texts.expected_texts(),
+                                     product_dtype, max_len, tokens_per_batch,
+                                     progress and (group is None or group.is_main), group)
+                except StreamEndedEarly as short:
+                    texts.redraw(short.rows)
 
     if group is None:
-        total, count = local_sums()
+        total, count, n_texts = local_sums()
     else:
         sums, error = attempt(local_sums)
         group.check_all(error, f"computing its share of the statistics of {target.name}")
         assert sums is not None
-        total, count = group.all_sum(*sums)
+        n_texts = sums[2]
+        total, count = group.all_sum(sums[0], sums[1])
     if count <= target.in_features:
         raise InsufficientStatisticsError(
-            f"Only {count} key vectors from {len(indices)} texts for the {target.in_features}-dimensional second "
+            f"Only {count} key vectors from {n_texts} texts for the {target.in_features}-dimensional second "
             f"moment of {target.name}; more than {target.in_features} are needed. Use more text (mom2_n_samples, "
             "a larger data set or a larger max_length).")
-    metadata = {**description, "hf_edit_version": __version__, "source": "computed",
-                "world_size": 1 if group is None else group.size}
-    return SecondMomentStats(total.cpu(), count, metadata)
+    metadata = {**description, **texts.details(), "texts_read": n_texts, "hf_edit_version": __version__,
+                "source": "computed", "world_size": 1 if group is None else group.size}
+    return SecondMomentStats(total.to(acc_dtype).cpu(), count, metadata)
 
 
-def _sum_keys(model: nn.Module, tokenizer: Any, target: EditTarget, texts: datasets.Dataset,
-              acc_dtype: torch.dtype, max_len: int, batch_tokens: int, progress: bool,
-              group: ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
-    """(Σ k kᵀ, n) over the texts, on the device of the module's weight; with a ``group``, over this process's
-    share of the batches only.
+def _sum_keys(model: nn.Module, tokenizer: Any, target: EditTarget, chunks: Iterable[list[str]],
+              expected: int | None, product_dtype: torch.dtype, max_len: int, batch_tokens: int, progress: bool,
+              group: ProcessGroup | None = None) -> tuple[torch.Tensor, int, int]:
+    """(Σ k kᵀ in float64, n vectors, texts read) over the texts, on the device of the module's weight; with a
+    ``group``, over this process's share only.
 
-    Every process forms the same batches as a single process would and runs every ``group.size``-th of them, so
-    each key vector is computed exactly as a single process computes it: only the order of the float64 additions
-    differs from the single-process result.
+    The forward batches of a chunk are grouped into units of at least :data:`GRAM_TOKENS` key vectors, whose keys
+    are multiplied together.  Every process forms the same units as a single process would and runs every
+    ``group.size``-th of them, so each key vector and each unit's product is computed exactly as a single process
+    computes it: only the order of the float64 additions differs from the single-process result.
     """
     module = unwrap_model(model).get_submodule(target.name)
     device = base_layer(module).weight.device
     pad_id = pad_token_id(tokenizer)
     with_positions = _accepts(model, "position_ids")
-    total = torch.zeros(target.in_features, target.in_features, dtype=acc_dtype, device=device)
-    count = batch_number = 0
-    with tqdm(total=len(texts), disable=not progress, desc=f"mom2 {target.name}") as bar:
-        for start in range(0, len(texts), _TEXTS_PER_CHUNK):
-            chunk = texts[start:start + _TEXTS_PER_CHUNK]["text"]
-            for rows in _token_batches(chunk, tokenizer, max_len, batch_tokens):
-                batch_number += 1
-                if group is not None and not group.owns(batch_number - 1):
+    gram = GramSum(target.in_features, device, product_dtype)
+    unit_number = n_texts = 0
+    with tqdm(total=expected, disable=not progress, desc=f"mom2 {target.name}", unit="text") as bar:
+        for chunk in chunks:
+            for unit in _units(_token_batches(chunk, tokenizer, max_len, batch_tokens)):
+                unit_number += 1
+                if group is not None and not group.owns(unit_number - 1):
                     continue
-                inputs = pad_batch(rows, pad_id, device)
-                if with_positions:
-                    inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1], device=device).expand(
-                        len(rows), -1)
-                keys = _batch_keys(model, module, inputs, target).to(device=device, dtype=acc_dtype)
-                total += keys.T @ keys
-                count += keys.shape[0]
-                bar.update(len(rows))
-            bar.update(start + len(chunk) - bar.n)  # texts dropped because they tokenise to nothing
-    return total, count
+                keys = [_batch_keys(model, module, _padded(rows, pad_id, device, with_positions), target)
+                        for rows in unit]
+                gram.add(keys[0] if len(keys) == 1 else torch.cat(keys))
+                bar.update(sum(len(rows) for rows in unit))
+            n_texts += len(chunk)
+            bar.update(n_texts - bar.n)  # texts dropped because they tokenise to nothing, and other processes'
+    return gram.result(), gram.count, n_texts
+
+
+def _units(batches: list[list[list[int]]]) -> list[list[list[list[int]]]]:
+    """Consecutive batches grouped until each group holds at least :data:`GRAM_TOKENS` tokens (the last may hold
+    fewer)."""
+    units: list[list[list[list[int]]]] = []
+    tokens = GRAM_TOKENS
+    for rows in batches:
+        if tokens >= GRAM_TOKENS:
+            units.append([])
+            tokens = 0
+        units[-1].append(rows)
+        tokens += sum(len(row) for row in rows)
+    return units
+
+
+def _padded(rows: list[list[int]], pad_id: int, device: torch.device, with_positions: bool) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` (and ``position_ids`` 0..width−1) of a batch."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    lengths = torch.tensor([len(row) for row in rows])
+    inputs = {"input_ids": ids.to(device),
+              "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)}
+    if with_positions:
+        inputs["position_ids"] = torch.arange(width, device=device).expand(len(rows), -1)
+    return inputs
 
 
 def _batch_keys(model: nn.Module, module: nn.Module, inputs: dict[str, torch.Tensor],
                 target: EditTarget) -> torch.Tensor:
-    """The module's input vectors at the non-padding positions of one batch, (tokens, I)."""
+    """The module's input vectors at the non-padding positions of one batch, (tokens, I).  The forward pass stops
+    as soon as the module is called, before it computes anything."""
     mask = inputs["attention_mask"]
-    with capture(module, tuple(mask.shape), stop=True) as record:
+    seen: list[torch.Tensor] = []
+
+    def stop_at_input(_module: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise StopForward
+
+    with forward_hook(module, stop_at_input, pre=True):
         run_until(model, **inputs, use_cache=False)
-    if record.calls == 0:
+    if not seen:
         raise StatisticsError(f"Module {target.name} did not run during the forward pass.")
-    return record.inputs[mask.to(record.inputs.device).bool()]
+    keys = as_batch_seq(seen[0].detach(), tuple(mask.shape))
+    if bool(mask.all()):
+        return keys.reshape(-1, keys.shape[-1])  # no padding: a view, no copy
+    return keys[mask.to(keys.device).bool()]

@@ -208,6 +208,20 @@ class SecondMomentStats:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         self.path = Path(path)
 
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+        """The metadata of a file written by :meth:`save`, from its header only (no tensor is read, nothing is
+        verified); ``{}`` if the file cannot be read or has none."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("metadata")
+            metadata = json.loads(raw) if raw else {}
+        except Exception:  # noqa: BLE001 (unreadable or foreign file: no metadata)
+            return {}
+        return metadata if isinstance(metadata, dict) else {}
+
     @classmethod
     def load(cls, path: str | os.PathLike, expected_key: str | None = None) -> SecondMomentStats:
         """Read a file written by :meth:`save`, verifying its format, checksum and (if given) key.

@@ -51,7 +51,7 @@ class AlphaEditEditor(MassEditor):
         return f"{module}/{what}"
 
     def null_space(self, target: EditTarget) -> NullSpace:
-        """The projector of ``target`` from the state (after :meth:`prepare`)."""
+        """The projector of ``target`` from the state (after :meth:`before_batch`)."""
         state = self.context.state
         meta = state[self._key(target.name, "projector")]
         return NullSpace(basis=state[self._key(target.name, "basis")], kind=meta["kind"], nullity=meta["nullity"])
@@ -65,7 +65,7 @@ class AlphaEditEditor(MassEditor):
         return {"threshold": float(self.config.nullspace_threshold),
                 "precision": "svd-float32" if self.config.mom2_dtype == "float32" else "eigh-float64"}
 
-    def prepare(self, targets: list[EditTarget], stats: list[SecondMomentStats],
+    def before_batch(self, targets: list[EditTarget], stats: list[SecondMomentStats],
                 units: list[list[EditRequest]]) -> None:
         """Check the state against the statistics (before anything changes), build missing projectors, and drop
         cached keys of batches that were removed.

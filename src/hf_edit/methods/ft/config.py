@@ -182,8 +182,10 @@ class FTConfig(EditConfig):
     def resolved_for(self, model: nn.Module) -> FTConfig:
         """This config with ``layers`` filled in: the FT (or, with an ε, FT+L) preset for the model's id, else
         layer 0 with an ε and ``num_hidden_layers // 3`` without."""
-        if self.layers is not None:
+        if self.layers is not None and self.layers != "auto":
             return self
+        if self.layers == "auto":
+            return super().resolved_for(model)  # explains how "auto" is resolved
         preset = match_preset(FTL_PRESETS if self.constrained else FT_PRESETS, model_id_of(model))
         if preset is not None:
             return replace(self, layers=tuple(preset["layers"]))

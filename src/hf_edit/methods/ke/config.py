@@ -20,11 +20,13 @@ class KEConfig(NetworkEditConfig):
     T + 1.  Several requests in one call: each is computed on the model as it was before the call and the updates
     are added (ranks add up), since KE conditions on one edit at a time.
 
+    The other fields are those of :class:`~hf_edit.editors.editing.NetworkEditConfig`.
+
     Args:
-        editor: the trained KE network (folder or Hub id); required.
-        editor_revision, layers, rewrite_module_tmp, lr_scale, check_base_model, max_length: see
-            :class:`~hf_edit.editors.editing.NetworkEditConfig` (``lr_scale`` is applied; the reference's KE
-            wrapper ignores it, which equals the default 1.0).
+        editor: the trained KE network: a folder written by ``EditorNetwork.save_pretrained`` (e.g. the
+            ``output_dir`` of ``hf_edit.editors.train_editor("ke", ...)``) or a Hub model repo id; required.
+        lr_scale: multiplies every update (applied; the reference's KE wrapper ignores it, which equals the default
+            1.0).
     """
 
     method: ClassVar[str] = "ke"

@@ -54,7 +54,7 @@ LayerSolve = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 class MassEditor(Editor):
     """The MEMIT family's editor: templates, keys, batched z, the sequential layer loop; subclasses give the
-    closed form (:meth:`solve_layer`) and may keep state across batches (:meth:`prepare`, :meth:`finish`).
+    closed form (:meth:`solve_layer`) and may keep state across batches (:meth:`before_batch`, :meth:`finish`).
 
     ``joint = True``: all requests of one ``edit`` call are one batch (one update per layer, rank = number of
     distinct keys), removed together.
@@ -111,6 +111,11 @@ class MassEditor(Editor):
                 self.context.state["context_templates"] = {"settings": self._sampler_settings(),
                                                            "templates": [list(g) for g in self._templates]}
         return self._templates
+
+    def prepare(self) -> None:
+        """Load (or compute) the statistics of every edited layer (MEMIT-style solves always read them)."""
+        for target in self.targets():
+            self.stats_for(target)
 
     def stats_for(self, target: EditTarget) -> SecondMomentStats:
         """Second-moment statistics of ``target``'s input on the base model (explicit, cached or computed).
@@ -214,7 +219,7 @@ class MassEditor(Editor):
         templates = self.templates
         timings["templates"] = time.perf_counter() - clock
         stats = [self.stats_for(t) for t in targets]
-        self.prepare(targets, stats, units)
+        self.before_batch(targets, stats, units)
         model = unwrap_model(self.model)
         block = self.block(targets[-1].layer)
         updates: list[Update] = []
@@ -269,7 +274,7 @@ class MassEditor(Editor):
                     context_templates=[list(g) for g in templates])
 
     # -- subclass hooks -----------------------------------------------------------------------------------
-    def prepare(self, targets: list[EditTarget], stats: list[SecondMomentStats],
+    def before_batch(self, targets: list[EditTarget], stats: list[SecondMomentStats],
                 units: list[list[EditRequest]]) -> None:
         """Called before any computation of a batch (e.g. to check or build state).  Default: nothing."""
 

@@ -18,10 +18,11 @@ class MENDConfig(NetworkEditConfig):
     jointly) give the gradient factors (u_t, δ_t) of each edited matrix; the network transforms them, and
     ΔW = lr_scale · η · Σ_t δ̃_t ũ_tᵀ, stored as LoRA factors A = Ũ, B = lr_scale · η Δ̃ᵀ (rank = tokens).
 
+    The other fields are those of :class:`~hf_edit.editors.editing.NetworkEditConfig`.
+
     Args:
-        editor: the trained MEND network (folder or Hub id); required.
-        editor_revision, layers, rewrite_module_tmp, lr_scale, check_base_model, max_length: see
-            :class:`~hf_edit.editors.editing.NetworkEditConfig`.
+        editor: the trained MEND network: a folder written by ``EditorNetwork.save_pretrained`` (e.g. the
+            ``output_dir`` of ``hf_edit.editors.train_editor("mend", ...)``) or a Hub model repo id; required.
     """
 
     method: ClassVar[str] = "mend"

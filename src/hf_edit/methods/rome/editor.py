@@ -148,6 +148,12 @@ class ROMEEditor(Editor):
                         top_k=self.config.context_template_top_k, seed=self.config.seed)
         return self._templates
 
+    def prepare(self) -> None:
+        """Load (or compute) the statistics of every configured module."""
+        if self.config.mom2_adjustment:
+            for target in self.targets():
+                self.stats_for(target)
+
     def stats_for(self, target: EditTarget) -> SecondMomentStats:
         """Second-moment statistics of ``target``'s input on the base model (explicit, cached or computed)."""
         cfg = self.config

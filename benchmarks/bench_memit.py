@@ -1,0 +1,286 @@
+"""Benchmarks of MEMIT, EMMET and AlphaEdit on the CounterFact fact model (``../shared/data/models/cf-facts-gpt2``).
+
+Statistics come from WikiText-2 (``../shared/data/corpus/wikitext-2-raw``, ``--stats-texts`` lines, 64 tokens each)
+and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  Sections (run one or several)::
+
+    python benchmarks/bench_memit.py speed --n 50 --runs 3 --threads 2
+    python benchmarks/bench_memit.py memory --sizes 1 10 50 100 200
+    python benchmarks/bench_memit.py projector [--allocate]
+    python benchmarks/bench_memit.py quality --n 200
+    python benchmarks/bench_memit.py lifelong --n 1000 --batch 10 --every 100
+
+* **speed**: the z vectors of a batch of ``--n`` CounterFact requests optimised together (one batched forward and
+  backward pass per step, ``z_batch_size`` = all) against one request at a time (``z_batch_size=1``): median and
+  spread (min–max) of ``--runs`` runs each, the ratio, and the largest difference between the two results.
+* **memory**: peak resident memory added while computing z (2 steps; the peak is reached at the first) for batches
+  of ``--sizes`` requests, unchunked and with the default chunking.
+* **projector**: the memory of AlphaEdit's null-space projector for a Llama-3-8B-shaped layer (d_ff = 14,336),
+  factored (the kept eigenvectors, or the others when fewer) against dense, and of the key cache against the
+  reference's dense ``cache_c``; with ``--allocate`` a random C of that size is built and decomposed once (1.6 GB
+  per float64 matrix; minutes on a CPU).
+* **quality**: ``--n`` CounterFact cases (``counterfact-subset.json``) edited in ONE call of each configuration; ES,
+  PS, NS (and S) before and after, with what limits the edit: the z optimisation's target probability and how many
+  δ ended on the clamp, the fraction of each layer's residual share the update leaves unexplained (``fit``), and
+  ‖ΔW‖/‖W‖.  Configurations: hf_edit's defaults for models without a preset, and the reference's GPT-2 XL values
+  (``--reference``) on the default layers and on layers 0–2.
+* **lifelong**: ``--n`` edits in batches of ``--batch`` with one method (AlphaEdit by default), each batch on the
+  model edited so far: every ``--every`` edits, retention (ES of all edits so far), NS of the edited cases, and the
+  WikiText-2 test perplexity against the unedited model's; JSON written after every checkpoint (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from _shared import COUNTERFACT, WIKITEXT, fact_model_path
+from bench_rome import peak_memory
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_edit import AlphaEditConfig, EditedModel, EMMETConfig, MEMITConfig
+from hf_edit.evaluation import counterfact_case_metrics, counterfact_nlls, load_eval_data, summarize
+from hf_edit.evaluation.perplexity import perplexity, token_windows
+from hf_edit.methods import EditContext
+from hf_edit.methods.memit import MEMITEditor
+from hf_edit.methods.memit.solve import null_space
+
+CONFIGS = {"memit": MEMITConfig, "emmet": EMMETConfig, "alphaedit": AlphaEditConfig}
+
+
+def load(threads: int):
+    torch.set_num_threads(threads)
+    path = fact_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def stats_settings(args) -> dict:
+    return dict(mom2_dataset=str(WIKITEXT), mom2_n_samples=args.stats_texts, mom2_max_length=64)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}–{max(values):.2f})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def bench_speed(args, model, tok) -> dict:
+    requests = [c.request for c in load_eval_data(COUNTERFACT, n=args.n).cases]
+    timings, results = {}, {}
+    for name, chunk in (("batched", None), ("serial", 1)):
+        editor = MEMITEditor(MEMITConfig(**stats_settings(args), z_batch_size=chunk), EditContext(model, tok))
+        units = editor.group_requests(requests)
+        layer = editor.targets()[-1].layer
+        editor.compute_z(units[:2], layer)  # warm-up (templates, allocator)
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            results[name] = editor.compute_z(units, layer)
+            times.append(time.perf_counter() - start)
+        timings[name] = times
+    diff = max((a.delta - b.delta).abs().max().item() for a, b in zip(results["batched"], results["serial"]))
+    ratio = statistics.median(timings["serial"]) / statistics.median(timings["batched"])
+    steps = statistics.mean(r.info["steps"] for r in results["batched"])
+    print(f"\nz of {args.n} requests on {fact_model_path().name}, torch threads = {torch.get_num_threads()}, "
+          f"{args.runs} runs, mean {steps:.1f} forward passes per request")
+    print(f"  batched (one pass per step): {spread(timings['batched'])}")
+    print(f"  serial (one request a time): {spread(timings['serial'])}")
+    print(f"  speed-up serial/batched: {ratio:.2f}x; max |δ_batched − δ_serial| = {diff:.2e}")
+    return {"n": args.n, "threads": torch.get_num_threads(), "seconds": timings, "ratio": ratio, "max_diff": diff}
+
+
+def bench_memory(args, model, tok) -> dict:
+    cases = load_eval_data(COUNTERFACT, n=max(args.sizes)).cases
+    rows = []
+    for size in args.sizes:
+        for chunk in (None, 32):
+            if chunk is not None and size <= chunk:
+                continue
+            config = MEMITConfig(**stats_settings(args), z_batch_size=chunk, v_num_grad_steps=2)
+            editor = MEMITEditor(config, EditContext(model, tok))
+            units = editor.group_requests([c.request for c in cases[:size]])
+            layer = editor.targets()[-1].layer
+            editor.compute_z(units[:1], layer)
+            with peak_memory("cpu") as peak:
+                start = time.perf_counter()
+                editor.compute_z(units, layer)
+                seconds = time.perf_counter() - start
+            rows.append({"requests": size, "z_batch_size": chunk, "peak_mb": peak["peak"] / 2**20,
+                         "seconds_2_steps": seconds})
+    print(f"\npeak memory added while computing z (CPU RSS), torch threads = {torch.get_num_threads()}")
+    print("  requests  z_batch_size  peak MB  s (2 steps)")
+    for r in rows:
+        print(f"  {r['requests']:8d}  {str(r['z_batch_size']):>12}  {r['peak_mb']:7.1f}  {r['seconds_2_steps']:10.2f}")
+    return {"rows": rows}
+
+
+def bench_projector(args) -> dict:
+    d, n_edits, gb = 14336, 2000, 2**30
+    dense32, dense64 = d * d * 4 / gb, d * d * 8 / gb
+    out = {"d_ff": d, "dense_projector_gb": {"float32": dense32, "float64": dense64},
+           "factored_projector_gb_at_most": d * (d // 2) * 4 / gb,
+           "dense_cache_c_gb": {"float32": dense32}, "key_cache_gb_per_1000_edits": d * 1000 * 4 / gb}
+    print(f"\nAlphaEdit state for one Llama-3-8B-shaped layer (d_ff = {d:,}):")
+    print(f"  dense projector P: {dense32:.2f} GB float32, {dense64:.2f} GB float64 (the reference keeps one per "
+          "layer, 5 layers: " f"{5 * dense32:.1f} GB)")
+    print(f"  factored projector: d_ff × m float32 = {d * 4 / 2**20:.3f} MB per kept direction; at most "
+          f"{d * (d // 2) * 4 / gb:.2f} GB (m = d/2: beyond that the complement is stored)")
+    print(f"  key cache: dense cache_c {dense32:.2f} GB per layer vs the keys, {d * 1000 * 4 / gb:.3f} GB per "
+          f"1,000 edits ({n_edits:,} edits: {d * n_edits * 4 / gb:.2f} GB)")
+    if args.allocate:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(d, 4 * d // 3, generator=generator, dtype=torch.float64)
+        x *= torch.logspace(-3, 0.5, d, dtype=torch.float64)[:, None]
+        C = x @ x.T / x.shape[1]
+        del x
+        start = time.perf_counter()
+        space = null_space(C, 2e-2)
+        seconds = time.perf_counter() - start
+        stored = space.basis.numel() * space.basis.element_size() / gb
+        print(f"  measured on a random C: nullity {space.nullity:,}, stored {space.kind} basis {stored:.2f} GB "
+              f"(dense {dense32:.2f} GB), eigendecomposition {seconds:.0f} s")
+        out.update(measured={"nullity": space.nullity, "kind": space.kind, "stored_gb": stored, "seconds": seconds})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def score(model, tok, cases) -> dict:
+    summary = summarize([counterfact_case_metrics(x) for x in counterfact_nlls(model, tok, cases)])
+    return {k: round(summary[k]["mean"], 1) for k in ("ES", "PS", "NS", "S") if k in summary}
+
+
+def quality_configs(args) -> list[tuple[str, str, dict]]:
+    reference = dict(clamp_norm_factor=0.75, mom2_update_weight=20000.0, v_loss_layer=None)
+    configs = [("memit", "hf_edit default", {}), ("emmet", "hf_edit default", {}),
+               ("alphaedit", "hf_edit default", {})]
+    if args.reference:
+        configs += [("memit", "reference gpt2-xl values", reference),
+                    ("memit", "reference values, layers 0-2", dict(reference, layers=(0, 1, 2))),
+                    ("memit", "reference values, layers 0-2, λ=200",
+                     dict(reference, layers=(0, 1, 2), mom2_update_weight=200.0))]
+    return configs
+
+
+def bench_quality(args, model, tok) -> dict:
+    cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
+    before = score(model, tok, cases)
+    print(f"\n{args.n} CounterFact cases in one edit call, {fact_model_path().name}; unedited: {before}")
+    rows = []
+    for method, label, overrides in quality_configs(args):
+        if args.methods and method not in args.methods:
+            continue
+        config = CONFIGS[method](**stats_settings(args), **overrides)
+        edited = EditedModel(model, tok, progress=False)
+        start = time.perf_counter()
+        edits = edited.edit([c.request for c in cases], method=config)
+        seconds = time.perf_counter() - start
+        after = score(edited.model, tok, cases)
+        z = edits[0].info["z"]
+        row = dict(method=method, label=label, layers=list(config.resolved_for(model).layers), **after,
+                   seconds=seconds, z_target_probability=statistics.mean(x["target_probability"] for x in z),
+                   z_on_clamp=sum(x["clamp_ratio"] > 0.999 for x in z) / len(z),
+                   fit=[round(e.info["fit"], 3) for e in edits],
+                   relative_norm=[round(e.info["relative_norm"], 3) for e in edits],
+                   config={k: v for k, v in config.to_dict().items() if k in overrides or k in (
+                       "clamp_norm_factor", "mom2_update_weight", "emmet_lambda", "L2", "nullspace_threshold",
+                       "v_num_grad_steps", "kl_factor")})
+        rows.append(row)
+        print(f"  {method:9s} {label:38s} layers {row['layers']}: ES {after['ES']:5.1f} PS {after['PS']:5.1f} "
+              f"NS {after['NS']:5.1f} S {after.get('S', math.nan):5.1f} | z p(target) "
+              f"{row['z_target_probability']:.2f}, on clamp {100 * row['z_on_clamp']:.0f}% | unexplained residual "
+              f"{row['fit']} | ‖ΔW‖/‖W‖ {row['relative_norm']} | {seconds:.0f} s", flush=True)
+        edited.remove_edit(0)
+        model = edited.base_model
+    return {"before": before, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def bench_lifelong(args, model, tok) -> dict:
+    from dataclasses import replace
+
+    cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
+    texts = (WIKITEXT / "wiki.test.raw").read_text().splitlines()
+    windows = token_windows(tok, texts, 64, max_windows=args.ppl_windows)
+    base_ppl = perplexity(model, windows)
+    config = CONFIGS[args.method](**stats_settings(args))
+    edited = EditedModel(model, tok, method=config, progress=False)
+    out = {"method": args.method, "config": config.to_dict(), "batch": args.batch, "base_perplexity": base_ppl,
+           "checkpoints": []}
+    only = lambda case, kind: replace(case, paraphrase_prompts=(), attribute_prompts=(),  # noqa: E731
+                                      generation_prompts=(), neighborhood_prompts=case.neighborhood_prompts
+                                      if kind == "neighborhood" else ())
+    print(f"\nlifelong {args.method}: {args.n} edits in batches of {args.batch}; unedited perplexity {base_ppl:.2f}")
+    start = time.perf_counter()
+    for first in range(0, len(cases), args.batch):
+        edited.edit([c.request for c in cases[first:first + args.batch]])
+        done = first + args.batch
+        if done % args.every and done < len(cases):
+            continue
+        so_far = cases[:done]
+        es = [counterfact_case_metrics(n)["ES"] for n in counterfact_nlls(
+            edited.model, tok, [only(c, "rewrite") for c in so_far])]
+        ns = [counterfact_case_metrics(n)["NS"] for n in counterfact_nlls(
+            edited.model, tok, [only(c, "neighborhood") for c in so_far])]
+        point = {"edits": done, "retention_es": 100 * statistics.mean(es), "ns": 100 * statistics.mean(ns),
+                 "perplexity": perplexity(edited.model, windows), "seconds": time.perf_counter() - start}
+        point["perplexity_ratio"] = point["perplexity"] / base_ppl
+        out["checkpoints"].append(point)
+        print(f"  {done:5d} edits: retention ES {point['retention_es']:5.1f}  NS {point['ns']:5.1f}  perplexity "
+              f"{point['perplexity']:.2f} ({point['perplexity_ratio']:.2f}x)  {point['seconds']:.0f} s", flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"lifelong-{args.method}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="+", choices=["speed", "memory", "projector", "quality", "lifelong"])
+    parser.add_argument("--n", type=int, default=None, help="requests (speed: 50, quality: 200, lifelong: 1000)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 100, 200])
+    parser.add_argument("--stats-texts", type=int, default=10000)
+    parser.add_argument("--methods", nargs="*", default=None, help="quality: only these methods")
+    parser.add_argument("--reference", action="store_true", help="quality: also the reference's GPT-2 XL values")
+    parser.add_argument("--allocate", action="store_true", help="projector: decompose a random 14,336² C")
+    parser.add_argument("--method", default="alphaedit", choices=sorted(CONFIGS), help="lifelong: the method")
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--ppl-windows", type=int, default=200)
+    parser.add_argument("--out", default=None, help="folder for JSON results")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    model, tok = load(args.threads)
+    results = {}
+    for section in args.sections:
+        if section == "speed":
+            args.n = args.n or 50
+            results["speed"] = bench_speed(args, model, tok)
+        elif section == "memory":
+            results["memory"] = bench_memory(args, model, tok)
+        elif section == "projector":
+            results["projector"] = bench_projector(args)
+        elif section == "quality":
+            args.n = args.n or 200
+            results["quality"] = bench_quality(args, model, tok)
+        elif section == "lifelong":
+            args.n = args.n or 1000
+            results["lifelong"] = bench_lifelong(args, model, tok)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_memit.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"\n(python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Which default edits the CounterFact fact model well?  A dev/test sweep with :func:`hf_edit.evaluation.sweep`.
+
+    python benchmarks/sweep_fact_model.py screen   [--n 60] [--candidates ...]        # dev cases 0..n-1
+    python benchmarks/sweep_fact_model.py evaluate --split dev|test --candidates A B  # all 450 cases of the split
+    python benchmarks/sweep_fact_model.py report                                     # JSON + Markdown summary
+
+The 900 CounterFact cases of ``../shared/data/counterfact/counterfact-subset.json`` are split into **dev** (cases
+0–449) and **test** (450–899).  ``screen`` ranks every candidate on the first ``--n`` dev cases; ``evaluate`` scores
+named candidates on a whole split (run several in parallel processes: each writes its own file); ``report``
+gathers everything under ``benchmarks/results/`` into ``sweep_fact_model.json`` and ``sweep_fact_model.md``.
+
+Every candidate is edited with the single protocol on ``../shared/data/models/cf-facts-gpt2`` with second-moment
+statistics from WikiText-2 (2,000 texts).  Candidates named ``proto …`` use the editor prototypes of
+``benchmarks/diagnose_fact_model.py`` (``method="rome-proto"``: ROME with ``preserve``/``through``), i.e. changes of
+ROME's editor that hf_edit does not ship yet; the others are plain configs of the registered methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from diagnose_fact_model import COUNTERFACT, MODEL, RESULTS, STATS, register_prototype  # noqa: E402
+
+from hf_edit import EditedModel, ROMEConfig  # noqa: E402
+from hf_edit.evaluation import EvalData, SweepResult, load_eval_data, sweep  # noqa: E402
+
+SPLITS = {"dev": (0, 450), "test": (450, 900)}
+GOAL = {"S": 85.0, "ES": 95.0, "PS": 80.0, "NS": 85.0}
+
+
+def _rome(**overrides: Any) -> ROMEConfig:
+    return ROMEConfig(**STATS, **overrides)
+
+
+def _proto(**overrides: Any) -> ROMEConfig:
+    return register_prototype()(**STATS, **overrides)
+
+
+def _memit(**overrides: Any):
+    from hf_edit.methods import get_method
+
+    return get_method("memit").config_class(**STATS, **overrides)
+
+
+#: name -> factory of the config.  "default" is what a model without a preset gets today (layer n // 3 = 2).
+CANDIDATES: dict[str, Any] = {
+    "default": lambda: _rome(),
+    "rome L0": lambda: _rome(layers=(0,)),
+    "rome L1": lambda: _rome(layers=(1,)),
+    "rome L0 steps60": lambda: _rome(layers=(0,), v_num_grad_steps=60),
+    "rome L0 steps60 lr1 clamp10": lambda: _rome(layers=(0,), v_num_grad_steps=60, v_lr=1.0, clamp_norm_factor=10.0),
+    "rome L1 steps60 clamp10": lambda: _rome(layers=(1,), v_num_grad_steps=60, clamp_norm_factor=10.0),
+    "rome L2 steps60 clamp20": lambda: _rome(v_num_grad_steps=60, clamp_norm_factor=20.0),
+    "rome L0 consistent": lambda: _rome(layers=(0,), key_mode="consistent"),
+    "memit default": lambda: _memit(),
+    "proto through L0": lambda: _proto(layers=(0,), through=True),
+    "proto preserve L0": lambda: _proto(layers=(0,), preserve=10.0),
+    "proto preserve L0 steps100": lambda: _proto(layers=(0,), preserve=10.0, v_num_grad_steps=100),
+    "proto preserve L0 steps60 lr1 clamp10": lambda: _proto(layers=(0,), preserve=10.0, v_num_grad_steps=60,
+                                                             v_lr=1.0, clamp_norm_factor=10.0),
+    "proto preserve L1 steps60 clamp10": lambda: _proto(layers=(1,), preserve=10.0, v_num_grad_steps=60,
+                                                         clamp_norm_factor=10.0),
+}
+
+
+def split_data(name: str, n: int | None = None) -> EvalData:
+    start, end = SPLITS[name]
+    data = load_eval_data(COUNTERFACT, n=end)
+    cases = data.cases[start:end][:n]
+    return EvalData(cases=cases, data_format=data.data_format, source=f"{data.source} [{start}:{start + len(cases)}]",
+                    fingerprint=data.fingerprint, n_total=data.n_total)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def run(split: str, names: list[str], n: int | None, out: Path) -> SweepResult:
+    data = split_data(split, n)
+    configs = {name: CANDIDATES[name]() for name in names}
+    model = EditedModel.from_pretrained(MODEL, progress=False)
+    started = time.perf_counter()
+    result = sweep(model, data, configs, failed="unedited", keep_results=True, progress=True)
+    print(f"{split}: {len(data)} cases, {len(configs)} candidates, {time.perf_counter() - started:.0f}s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.to_json(out)
+    per_case = {e.name: [{"case_id": c["case_id"], "ok": c.get("edit", {}).get("ok"),
+                          "metrics": c.get("post", {}).get("metrics"), "pre": c.get("pre", {}).get("metrics"),
+                          "info": c.get("edit", {}).get("info")} for c in e.result.cases] for e in result.entries}
+    out.with_name(out.stem + "_cases.json").write_text(json.dumps(per_case, default=str) + "\n")
+    return result
+
+
+def _meets(summary: dict[str, dict[str, float]]) -> bool:
+    return all(summary.get(k, {}).get("mean", -1) >= v for k, v in GOAL.items())
+
+
+def report(results: Path) -> None:
+    """Gather the screen and split files into sweep_fact_model.{json,md}."""
+    screen_path = results / "sweep_fact_model_screen.json"
+    screen = SweepResult.from_json(screen_path) if screen_path.exists() else None
+    splits: dict[str, dict[str, Any]] = {"dev": {}, "test": {}}
+    for split in splits:
+        for path in sorted(results.glob(f"sweep_fact_model_{split}_*.json")):
+            if path.stem.endswith("_cases"):
+                continue
+            for entry in SweepResult.from_json(path).entries:
+                splits[split][entry.name] = entry
+    lines = ["# ROME defaults on the CounterFact fact model (cf-facts-gpt2)", "",
+             "Single protocol, statistics from WikiText-2 (2,000 texts); failed edits scored as the unedited model. "
+             "Dev = CounterFact-subset cases 0–449, test = 450–899. Goal: S ≥ 85, ES ≥ 95, PS ≥ 80, NS ≥ 85.", ""]
+    if screen is not None:
+        lines += [f"## Screen: first {screen.data.get('n')} dev cases", "", screen.markdown(), ""]
+    lines += ["## Dev and test (all 450 cases of each split)", "",
+              "| candidate | split | S | ES | PS | NS | n | failed | cases/s | meets goal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda s, m: (f"{s[m]['mean']:.1f} ± {s[m]['stderr']:.1f}" if m in s and s[m].get("stderr") is not None  # noqa: E731
+                         and not math.isnan(s[m]["stderr"]) else f"{s[m]['mean']:.1f}" if m in s else "-")
+    names = list(dict.fromkeys([*splits["dev"], *splits["test"]]))
+    for name in names:
+        for split in ("dev", "test"):
+            entry = splits[split].get(name)
+            if entry is None:
+                continue
+            s = entry.summary
+            lines.append(f"| {name} | {split} | {cell(s, 'S')} | {cell(s, 'ES')} | {cell(s, 'PS')} | {cell(s, 'NS')} | "
+                         f"{entry.n_cases} | {entry.n_failed} | {entry.cases_per_second:.3f} | "
+                         f"{'yes' if _meets(s) else 'no'} |")
+    payload = {"goal": GOAL, "splits": {k: list(v) for k, v in SPLITS.items()},
+               "screen": screen.to_dict() if screen else None,
+               "dev": {k: e.to_dict() for k, e in splits["dev"].items()},
+               "test": {k: e.to_dict() for k, e in splits["test"].items()}}
+    (results / "sweep_fact_model.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (results / "sweep_fact_model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["screen", "evaluate", "report"])
+    parser.add_argument("--split", choices=list(SPLITS), default="dev")
+    parser.add_argument("--n", type=int, help="cases of the split (screen: default 60; evaluate: all)")
+    parser.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*did not take.*")
+    if args.command == "report":
+        report(args.results)
+        return
+    names = args.candidates or list(CANDIDATES)
+    if args.command == "screen":
+        run("dev", names, args.n or 60, args.results / "sweep_fact_model_screen.json")
+    else:
+        suffix = _slug("_".join(names)) if len(names) > 1 else _slug(names[0])
+        run(args.split, names, args.n, args.results / f"sweep_fact_model_{args.split}_{suffix}.json")
+
+
+if __name__ == "__main__":
+    main()
