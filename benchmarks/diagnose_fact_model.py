@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ WIKITEXT = SHARED / "corpus" / "wikitext-2-raw"
 RESULTS = HERE / "results"
 
 #: The statistics every variant uses (WikiText-2, 2,000 texts).
-STATS = dict(mom2_dataset=str(WIKITEXT), mom2_n_samples=2000)
+STATS = {"mom2_dataset": str(WIKITEXT), "mom2_n_samples": 2000}
 
 #: One-factor variations of the current default (layer n // 3 = 2 on the 6-layer model) and a few combinations.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -83,6 +84,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "through_layer1": {"through": True, "layers": (1,)},
     "preserve_layer0": {"preserve": 10.0, "layers": (0,)},
     "preserve_through_layer0": {"preserve": 10.0, "through": True, "layers": (0,)},
+    "preserve_ctx_through_layer0_steps60": {"preserve": 10.0, "preserve_subject": False, "through": True,
+                                            "layers": (0,), "v_num_grad_steps": 60},
     "preserve_layer0_steps100": {"preserve": 10.0, "layers": (0,), "v_num_grad_steps": 100},
     "preserve_layer0_lr1_clamp10_steps60": {"preserve": 10.0, "layers": (0,), "v_lr": 1.0, "clamp_norm_factor": 10.0,
                                             "v_num_grad_steps": 60},
@@ -148,12 +151,15 @@ def register_prototype() -> type:
             through: optimise v* through the rank-one update it becomes (the edited model's own output).
             preserve: λ ≥ 0; u = (C + λ·K_o K_oᵀ/n_o)⁻¹ k̄ with K_o the keys of the other tokens of the templated
                 prompts and of the KL prompt (0: ROME's u = C⁻¹k̄).
+            preserve_subject: also preserve the subject's tokens before the fact token (False: only the tokens
+                outside the subject, so the update may act on the whole subject).
         """
 
         method: ClassVar[str] = "rome-proto"
         label: ClassVar[str] = "ROME (prototype: through/preserve)"
         through: bool = False
         preserve: float = 0.0
+        preserve_subject: bool = True
 
     class PrototypeROMEEditor(ROMEEditor):
         config_class = PrototypeROMEConfig
@@ -170,13 +176,16 @@ def register_prototype() -> type:
             with torch.no_grad(), frozen_eval(self.model), \
                     capture_io(module, tuple(batch["input_ids"].shape)) as seen:
                 self.model(**batch)
-            rows = [seen.inputs[i, [t for t in range(len(c.ids)) if t != int(fact[i])]] for i, c in enumerate(contexts)]
+            keep_subject = self.config.preserve_subject
+            rows = [seen.inputs[i, [t for t in range(len(c.ids)) if t != int(fact[i])
+                                    and (keep_subject or not c.subject_first <= t <= c.subject_last)]]
+                    for i, c in enumerate(contexts)]
             return torch.cat(rows).double()
 
         def compute_update(self, request, target):
             module = unwrap_model(self.model).get_submodule(target.name)
             cfg = self.config
-            with ExitStackCompat() as stack:
+            with ExitStack() as stack:
                 if cfg.preserve > 0:
                     others = self._other_keys(module, request)
                     extra = cfg.preserve * others.T @ others / len(others)
@@ -198,7 +207,7 @@ def register_prototype() -> type:
                         key, offset = keys[0], torch.zeros_like(outputs[0])
                     else:
                         key, offset = k_mean, outputs[0] - outputs.mean(0)
-                    patched = lambda *a, **k: _through_update(*a, **k, u=u, key=key, offset=offset)  # noqa: E731
+                    patched = lambda *a, **k: _through_update(*a, **k, u=u, key=key, offset=offset)
                     stack.enter_context(mock.patch.object(rome_editor, "add_at_positions", patched))
                 return super().compute_update(request, target)
 
@@ -206,16 +215,10 @@ def register_prototype() -> type:
     return PrototypeROMEConfig
 
 
-def ExitStackCompat():  # noqa: N802 - a context manager factory
-    from contextlib import ExitStack
-
-    return ExitStack()
-
-
 def make_config(overrides: dict[str, Any]) -> ROMEConfig:
     """The variant's config: ROME with :data:`STATS` and ``overrides`` (``through``/``preserve``: the
     prototype)."""
-    if "through" in overrides or "preserve" in overrides:
+    if {"through", "preserve", "preserve_subject"} & set(overrides):
         return register_prototype()(**STATS, **overrides)
     return ROMEConfig(**STATS, **overrides)
 
@@ -282,7 +285,7 @@ def diagnose_case(edited: EditedModel, config: ROMEConfig, case) -> dict[str, An
     try:
         edits = edited.edit(request, method=config)
     except HfEditError as err:
-        record.update(ok=False, error=type(err).__name__, seconds=time.perf_counter() - started)
+        record.update(ok=False, error=type(err).__name__, message=str(err)[:300], seconds=time.perf_counter() - started)
         return record
     record["seconds"] = time.perf_counter() - started
     edit = edits[0]

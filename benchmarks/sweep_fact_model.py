@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diagnose_fact_model import COUNTERFACT, MODEL, RESULTS, STATS, register_prototype  # noqa: E402
+from diagnose_fact_model import COUNTERFACT, MODEL, RESULTS, STATS, register_prototype
 
-from hf_edit import EditedModel, ROMEConfig  # noqa: E402
-from hf_edit.evaluation import EvalData, SweepResult, load_eval_data, sweep  # noqa: E402
+from hf_edit import EditedModel, ROMEConfig
+from hf_edit.evaluation import EvalData, SweepResult, load_eval_data, sweep
 
 SPLITS = {"dev": (0, 450), "test": (450, 900)}
 GOAL = {"S": 85.0, "ES": 95.0, "PS": 80.0, "NS": 85.0}
@@ -76,6 +76,8 @@ CANDIDATES: dict[str, Any] = {
                                                              v_lr=1.0, clamp_norm_factor=10.0),
     "proto preserve L1 steps60 clamp10": lambda: _proto(layers=(1,), preserve=10.0, v_num_grad_steps=60,
                                                          clamp_norm_factor=10.0),
+    "proto preserve-ctx through L0 steps60": lambda: _proto(layers=(0,), preserve=10.0, preserve_subject=False,
+                                                             through=True, v_num_grad_steps=60),
 }
 
 
@@ -111,25 +113,58 @@ def _meets(summary: dict[str, dict[str, float]]) -> bool:
     return all(summary.get(k, {}).get("mean", -1) >= v for k, v in GOAL.items())
 
 
+def copy_case_ids() -> set[Any]:
+    """Case ids whose true object occurs in the subject (e.g. 'Honda Insight' → Honda)."""
+    records = json.loads(COUNTERFACT.read_text())
+    return {r["case_id"] for r in records
+            if r["requested_rewrite"]["target_true"]["str"].lower() in r["requested_rewrite"]["subject"].lower()}
+
+
+def _copy_breakdown(results: Path) -> dict[tuple[str, str, str], dict[str, float]]:
+    from hf_edit.evaluation.aggregate import harmonic_mean
+
+    copies = copy_case_ids()
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
+    for split in SPLITS:
+        for path in sorted(results.glob(f"sweep_fact_model_{split}_*_cases.json")):
+            for name, cases in json.loads(path.read_text()).items():
+                for group, members in (("copy", True), ("other", False)):
+                    rows = [c["metrics"] if c["metrics"] else c["pre"] for c in cases
+                            if (c["case_id"] in copies) == members and (c["metrics"] or c["pre"])]
+                    if not rows:
+                        continue
+                    means = {k: 100 * sum(r[k] for r in rows) / len(rows) for k in ("ES", "PS", "NS")}
+                    means["S"] = 100 * harmonic_mean([means[k] / 100 for k in ("ES", "PS", "NS")])
+                    out[(name, split, group)] = {"n": len(rows), **means}
+    return out
+
+
 def report(results: Path) -> None:
     """Gather the screen and split files into sweep_fact_model.{json,md}."""
-    screen_path = results / "sweep_fact_model_screen.json"
-    screen = SweepResult.from_json(screen_path) if screen_path.exists() else None
+    screen = None
+    for path in sorted(results.glob("sweep_fact_model_screen*.json")):
+        if path.stem.endswith("_cases"):
+            continue
+        part = SweepResult.from_json(path)
+        if screen is None:
+            screen = part
+        elif part.data.get("n") == screen.data.get("n"):
+            screen.entries += [e for e in part.entries if e.name not in {x.name for x in screen.entries}]
     splits: dict[str, dict[str, Any]] = {"dev": {}, "test": {}}
-    for split in splits:
+    for split, entries in splits.items():
         for path in sorted(results.glob(f"sweep_fact_model_{split}_*.json")):
             if path.stem.endswith("_cases"):
                 continue
             for entry in SweepResult.from_json(path).entries:
-                splits[split][entry.name] = entry
+                entries[entry.name] = entry
     lines = ["# ROME defaults on the CounterFact fact model (cf-facts-gpt2)", "",
-             "Single protocol, statistics from WikiText-2 (2,000 texts); failed edits scored as the unedited model. "
-             "Dev = CounterFact-subset cases 0–449, test = 450–899. Goal: S ≥ 85, ES ≥ 95, PS ≥ 80, NS ≥ 85.", ""]
+             ("Single protocol, statistics from WikiText-2 (2,000 texts); failed edits scored as the unedited model. "
+              "Dev = CounterFact-subset cases 0–449, test = 450–899. Goal: S ≥ 85, ES ≥ 95, PS ≥ 80, NS ≥ 85."), ""]
     if screen is not None:
         lines += [f"## Screen: first {screen.data.get('n')} dev cases", "", screen.markdown(), ""]
     lines += ["## Dev and test (all 450 cases of each split)", "",
               "| candidate | split | S | ES | PS | NS | n | failed | cases/s | meets goal |", "|---|---|---|---|---|---|---|---|---|---|"]
-    cell = lambda s, m: (f"{s[m]['mean']:.1f} ± {s[m]['stderr']:.1f}" if m in s and s[m].get("stderr") is not None  # noqa: E731
+    cell = lambda s, m: (f"{s[m]['mean']:.1f} ± {s[m]['stderr']:.1f}" if m in s and s[m].get("stderr") is not None
                          and not math.isnan(s[m]["stderr"]) else f"{s[m]['mean']:.1f}" if m in s else "-")
     names = list(dict.fromkeys([*splits["dev"], *splits["test"]]))
     for name in names:
@@ -141,7 +176,18 @@ def report(results: Path) -> None:
             lines.append(f"| {name} | {split} | {cell(s, 'S')} | {cell(s, 'ES')} | {cell(s, 'PS')} | {cell(s, 'NS')} | "
                          f"{entry.n_cases} | {entry.n_failed} | {entry.cases_per_second:.3f} | "
                          f"{'yes' if _meets(s) else 'no'} |")
+    breakdown = _copy_breakdown(results)
+    if breakdown:
+        lines += ["", "## Where the edits fail: cases whose true object is written in the subject", "",
+                  ("CounterFact cases such as 'Honda Insight is produced by' → Honda: the model can copy the object "
+                   "from the subject's first token, which no edit of the subject's last token removes. Scores "
+                   "(failed edits as unedited) on those cases and on the others:"), "",
+                  "| candidate | split | cases | ES | PS | NS | S |", "|---|---|---|---|---|---|---|"]
+        for (name, split, group), s in breakdown.items():
+            lines.append(f"| {name} | {split} | {group} ({s['n']}) | {s['ES']:.1f} | {s['PS']:.1f} | {s['NS']:.1f} | "
+                         f"{s['S']:.1f} |")
     payload = {"goal": GOAL, "splits": {k: list(v) for k, v in SPLITS.items()},
+               "copy_breakdown": {" | ".join(k): v for k, v in breakdown.items()},
                "screen": screen.to_dict() if screen else None,
                "dev": {k: e.to_dict() for k, e in splits["dev"].items()},
                "test": {k: e.to_dict() for k, e in splits["test"].items()}}
@@ -166,7 +212,8 @@ def main() -> None:
         return
     names = args.candidates or list(CANDIDATES)
     if args.command == "screen":
-        run("dev", names, args.n or 60, args.results / "sweep_fact_model_screen.json")
+        suffix = "" if args.candidates is None else "_" + _slug("_".join(names))
+        run("dev", names, args.n or 60, args.results / f"sweep_fact_model_screen{suffix}.json")
     else:
         suffix = _slug("_".join(names)) if len(names) > 1 else _slug(names[0])
         run(args.split, names, args.n, args.results / f"sweep_fact_model_{args.split}_{suffix}.json")

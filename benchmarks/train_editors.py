@@ -45,7 +45,7 @@ SETTINGS = {
 }
 
 
-def train(method: str, out: Path, minutes: float, resume: bool, seed: int) -> dict:
+def train(method: str, out: Path, minutes: float, resume: bool, seed: int, loc_neighbours: int = 0) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +55,7 @@ def train(method: str, out: Path, minutes: float, resume: bool, seed: int) -> di
     tokenizer = AutoTokenizer.from_pretrained(CF_FACTS)
     config = EditorTrainingConfig(**SETTINGS[method], batch_size=10, max_steps=1_000_000, max_time_s=minutes * 60,
                                   eval_every=100, eval_size=100, val_size=200, checkpoint_every=100, log_every=10,
-                                  seed=seed, log_with=())
+                                  seed=seed, log_with=(), loc_neighbours=loc_neighbours)
     folder = out / method
     resume_from = "latest" if resume and (folder / "checkpoints").is_dir() else None
     result = train_editor(method, model, tokenizer, TRAIN, output_dir=folder, config=config,
@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--timing-edits", type=int, default=20, help="single edits timed per method")
     parser.add_argument("--rome", action="store_true", help="also time ROME edits (statistics computed once)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loc-neighbours", type=int, default=0,
+                        help="also use this many neighbourhood prompts per training edit in the locality KL "
+                             "(evaluation prompts removed); the results get the suffix '-neighbours'")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
     parser.add_argument("--stage", choices=["all", "train", "eval"], default="all",
                         help="train only (e.g. one process per method), evaluate networks already in --out, or both")
@@ -173,17 +176,19 @@ def main() -> None:
           f"{torch.get_num_interop_threads()} inter-op thread(s)", flush=True)
     report: dict = {"model": CF_FACTS.name, "threads": torch.get_num_threads(), "minutes": args.minutes,
                     "n_eval": args.n, "methods": {}}
-    results_file = RESULTS / "editors-cf-facts-gpt2.json"
+    suffix = "-neighbours" if args.loc_neighbours else ""
+    results_file = RESULTS / f"editors-cf-facts-gpt2{suffix}.json"
+    report["loc_neighbours"] = args.loc_neighbours
     if results_file.is_file():
         report["methods"] = json.loads(results_file.read_text()).get("methods", {})
     if args.stage == "train":
         for method in args.methods:
-            train(method, args.out, args.minutes, args.resume, args.seed)
+            train(method, args.out, args.minutes, args.resume, args.seed, args.loc_neighbours)
         return
     for method in args.methods:
         entry = report["methods"].setdefault(method, {})
         if args.stage == "all":
-            entry["training"] = train(method, args.out, args.minutes, args.resume, args.seed)
+            entry["training"] = train(method, args.out, args.minutes, args.resume, args.seed, args.loc_neighbours)
         elif (args.out / method / "benchmark_training.json").is_file():
             entry["training"] = json.loads((args.out / method / "benchmark_training.json").read_text())
         entry["eval"] = evaluate(method, args.out / method, args.n)
@@ -195,7 +200,7 @@ def main() -> None:
         report["methods"].setdefault("rome", {})["timing"] = edit_times("rome", None, max(3, args.timing_edits // 4))
         print(f"rome: {report['methods']['rome']['timing']}", flush=True)
     plot(args.out, [m for m in ("mend", "ke") if (args.out / m / "metrics.jsonl").is_file()],
-         RESULTS / "editor_training_curves.png")
+         RESULTS / f"editor_training_curves{suffix}.png")
     results_file.write_text(json.dumps(report, indent=2, default=str))
     rows = []
     for method, entry in report["methods"].items():

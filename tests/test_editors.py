@@ -145,7 +145,7 @@ def _random_factors(matrix):
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def test_training_data_excludes_evaluation_cases(cases, locality):
+def test_training_data_excludes_evaluation_cases(cases, locality, tokenizer):
     evaluation = replace(cases, cases=cases.cases[:10])
     data = prepare_training_data(cases, locality=locality, exclude=evaluation, val_size=5)
     assert data.n_excluded == 10 and len(data.train) + len(data.val) == 30
@@ -160,6 +160,19 @@ def test_training_data_excludes_evaluation_cases(cases, locality):
     assert clash.n_excluded == 4 and clash.describe()["n_excluded_by_prompt"] == 4
     assert data.fingerprint != by_ids.fingerprint and data.fingerprint.startswith("sha256:")
     assert data.train[0].paraphrases and len(data.locality) == 40
+    # a training edit's neighbourhood prompt that is an evaluation prompt is dropped
+    leaky = replace(cases.cases[20], neighborhood_prompts=(cases.cases[0].paraphrase_prompts[0], "Fine prompt of"))
+    kept = prepare_training_data([leaky, *cases.cases[21:30]], locality=locality, exclude=evaluation, val_size=0)
+    assert kept.train[0].neighbours == ("Fine prompt of",) and kept.describe()["n_neighbour_prompts_dropped"] == 1
+    # with loc_neighbours, an edit's neighbourhood prompts join its locality rows
+    from hf_edit.editors.training import _Batches
+
+    batches = _Batches(kept, tokenizer, "mend", micro_batch_size=1, n_loc=1, seed=0, max_length=None,
+                       loc_max_length=8, loc_neighbours=2)
+    micro = batches.build([(kept.train[1], 3)], ["Some unrelated text."])
+    assert micro.loc.input_ids.shape[0] == 3  # 1 text + 2 neighbourhood prompts
+    neighbour = tokenizer(kept.train[1].neighbours[3])["input_ids"][:8]
+    assert micro.loc.input_ids[1, :len(neighbour)].tolist() == neighbour
 
 
 # -- training ------------------------------------------------------------------------------------------------------

@@ -573,13 +573,15 @@ def _trace_plot_check(path: str | None) -> None:
 
 def _trace_grid(result: Any) -> str:
     """The tokens × layers grid of one trace (restored probability of the answer; subject tokens marked *)."""
+    import math
+
     first, end = result.subject_range
     labels = [repr(tok)[1:-1] + ("*" if first <= i < end else "") for i, tok in enumerate(result.tokens)]
     width = max(len(label) for label in labels)
     header = " " * width + "".join(f"{layer:>7}" for layer in range(result.n_layers))
     lines = [header]
     for label, row in zip(labels, result.scores.tolist(), strict=True):
-        lines.append(label.ljust(width) + "".join("      -" if v != v else f"{v:>7.3f}" for v in row))
+        lines.append(label.ljust(width) + "".join("      -" if math.isnan(v) else f"{v:>7.3f}" for v in row))
     return "\n".join(lines)
 
 
@@ -616,7 +618,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
     n_layers = num_layers(unwrap_model(model.model))
     kind = args.kind or ("hidden" if records is None else "mlp")
     window = args.window if args.window is not None else (1 if kind == "hidden" else scaled_window(n_layers))
-    common = dict(kind=kind, samples=args.samples, noise=args.noise, window=window, seed=args.seed)
+    common: dict[str, Any] = {"kind": kind, "samples": args.samples, "noise": args.noise, "window": window,
+                              "seed": args.seed}
     if records is None:
         result = trace(model.model, model.tokenizer, args.prompt, args.subject, args.target, **common)
         print(f"{result.prompt!r} -> {result.answer!r}: p clean {result.high_score:.4f}, corrupted "

@@ -7,7 +7,9 @@ target after a paraphrase (the "outer" edit, spec §2.4's reconstruction of the 
 next-token distribution on unrelated text stays put (KL on locality texts).
 
 Every case that also occurs in the evaluation data is excluded (CounterFact: same ``case_id`` or the same filled
-rewrite prompt; zsRE: the same question), and how many were excluded is recorded.
+rewrite prompt; zsRE: the same question), and how many were excluded is recorded.  Neighbourhood prompts of the
+training edits that occur anywhere in the evaluation data (as a rewrite, paraphrase or neighbourhood prompt) are
+dropped too (they are only used for the optional ``loc_neighbours`` locality rows).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ..evaluation.data import CounterFactCase, EvalData, ZsRECase, load_eval_dat
 from ..files import file_sha256
 from ..requests import EditRequest
 
-__all__ = ["EditExample", "EditorTrainingData", "prepare_training_data", "read_locality_texts", "case_keys"]
+__all__ = ["EditExample", "EditorTrainingData", "prepare_training_data", "read_locality_texts", "case_keys",
+           "case_prompts"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,14 @@ class EditExample:
         request: the fact to write (its filled prompt + target is the inner edit).
         paraphrases: filled prompts that should also give the target (outer edits); may be empty.
         key: the identity used to exclude evaluation cases.
+        neighbours: prompts about other subjects that the edit must not change (CounterFact's neighbourhood
+            prompts, zsRE's unrelated question); used for the locality term only with ``loc_neighbours``.
     """
 
     request: EditRequest
     paraphrases: tuple[str, ...] = ()
     key: str = ""
+    neighbours: tuple[str, ...] = ()
 
     def outer_prompt(self, draw: int) -> str:
         """The paraphrase for the ``draw``-th use of this example (the rewrite prompt when there is none)."""
@@ -94,11 +100,29 @@ def case_keys(case: Any) -> set[str]:
     return keys
 
 
-def _example(case: Any) -> EditExample:
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def case_prompts(case: Any) -> set[str]:
+    """Every prompt of a case (rewrite, paraphrases, neighbourhood), normalised: an evaluation case's prompts
+    must not appear in training, not even as another edit's neighbourhood prompt."""
+    prompts = {case.request.filled_prompt, *case.paraphrase_prompts}
+    if isinstance(case, CounterFactCase):
+        prompts |= set(case.neighborhood_prompts)
+    elif isinstance(case, ZsRECase):
+        prompts.add(case.neighborhood_question)
+    return {_normal(p) for p in prompts if p}
+
+
+def _example(case: Any, banned: set[str] = frozenset()) -> EditExample:
     if isinstance(case, (CounterFactCase, ZsRECase)):
         paraphrases = tuple(p for p in case.paraphrase_prompts if p and p.strip())
         key = min(case_keys(case))
-        return EditExample(request=case.request, paraphrases=paraphrases, key=key)
+        neighbours = tuple(case.neighborhood_prompts) if isinstance(case, CounterFactCase) else (
+            case.neighborhood_question,)
+        neighbours = tuple(n for n in neighbours if n and n.strip() and _normal(n) not in banned)
+        return EditExample(request=case.request, paraphrases=paraphrases, key=key, neighbours=neighbours)
     if isinstance(case, EditExample):
         return case
     raise DatasetFormatError(f"Cannot train on {type(case).__name__}; pass CounterFact/zsRE data.")
@@ -169,6 +193,7 @@ def prepare_training_data(train_data: Any, *, locality: str | os.PathLike | Sequ
     """
     data = _load(train_data, n)
     excluded_keys: set[str] = set()
+    banned_prompts: set[str] = set()
     exclude_source = None
     if exclude is not None:
         items = None if isinstance(exclude, (EvalData, str, os.PathLike)) else list(exclude)
@@ -180,6 +205,7 @@ def prepare_training_data(train_data: Any, *, locality: str | os.PathLike | Sequ
             evaluation = _load(exclude)
             for case in evaluation.cases:
                 excluded_keys |= case_keys(case)
+                banned_prompts |= case_prompts(case)
             exclude_source = evaluation.source
     kept, n_excluded, by_id = [], 0, 0
     for case in data.cases:
@@ -188,9 +214,9 @@ def prepare_training_data(train_data: Any, *, locality: str | os.PathLike | Sequ
             n_excluded += 1
             by_id += any(k.startswith("cf:") for k in hit)
             continue
-        kept.append(_example(case))
+        kept.append(_example(case, banned_prompts))
     if val_data is not None:
-        val = [_example(c) for c in _load(val_data).cases if not (case_keys(c) & excluded_keys)]
+        val = [_example(c, banned_prompts) for c in _load(val_data).cases if not (case_keys(c) & excluded_keys)]
         train = kept
     else:
         order = list(range(len(kept)))
@@ -206,8 +232,14 @@ def prepare_training_data(train_data: Any, *, locality: str | os.PathLike | Sequ
     digest.update(json.dumps([e.key for e in train]).encode())
     digest.update(json.dumps([e.key for e in val]).encode())
     digest.update(locality_fingerprint.encode())
+    digest.update(json.dumps([e.neighbours for e in train + val]).encode())
+    n_neighbours = sum(len(c.neighborhood_prompts) if isinstance(c, CounterFactCase) else 1 for c in data.cases
+                       if isinstance(c, (CounterFactCase, ZsRECase)) and not case_keys(c) & excluded_keys)
+    kept_neighbours = sum(len(e.neighbours) for e in train + val)
     return EditorTrainingData(train=train, val=val, locality=texts, source=data.source,
                               data_format=data.data_format, n_total=len(data.cases), n_excluded=n_excluded,
                               exclude_source=exclude_source, locality_source=locality_source,
                               fingerprint="sha256:" + digest.hexdigest(),
-                              extra={"n_excluded_by_case_id": by_id, "n_excluded_by_prompt": n_excluded - by_id})
+                              extra={"n_excluded_by_case_id": by_id, "n_excluded_by_prompt": n_excluded - by_id,
+                                     "n_neighbour_prompts": kept_neighbours,
+                                     "n_neighbour_prompts_dropped": n_neighbours - kept_neighbours})

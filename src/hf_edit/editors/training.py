@@ -96,6 +96,9 @@ class EditorTrainingConfig:
         micro_batch_size: edits per forward pass and process (the reference 1); ``batch_size`` must be a
             multiple of ``micro_batch_size`` × processes.
         n_loc: locality texts per micro-batch (the reference 1).
+        loc_neighbours: also put up to this many neighbourhood prompts of each edit (other subjects of the same
+            relation, evaluation prompts removed) into the locality KL (0: plain text only, as the reference's
+            locality data).
         max_grad_norm: gradient-norm clipping (100).
         max_steps: optimiser steps (the run may stop earlier, see ``max_time_s`` and ``early_stop_patience``).
         max_time_s: stop after this many seconds of training (across resumes).
@@ -127,6 +130,7 @@ class EditorTrainingConfig:
     batch_size: int = 10
     micro_batch_size: int = 1
     n_loc: int = 1
+    loc_neighbours: int = 0
     max_grad_norm: float = 100.0
     max_steps: int = 100_000
     max_time_s: float | None = None
@@ -159,7 +163,7 @@ class EditorTrainingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("val_size", "norm_warmup", "eval_every", "checkpoint_every"):
+        for name in ("val_size", "norm_warmup", "eval_every", "checkpoint_every", "loc_neighbours"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
@@ -310,8 +314,10 @@ class _Batches:
     """Deterministic micro-batches: example positions → edits (per-epoch seeded permutations), locality texts."""
 
     def __init__(self, data: EditorTrainingData, tokenizer: PreTrainedTokenizerBase, kind: str, *,
-                 micro_batch_size: int, n_loc: int, seed: int, max_length: int | None, loc_max_length: int) -> None:
+                 micro_batch_size: int, n_loc: int, seed: int, max_length: int | None, loc_max_length: int,
+                 loc_neighbours: int = 0) -> None:
         self.data, self.tokenizer, self.kind = data, tokenizer, kind
+        self.loc_neighbours = loc_neighbours
         self.micro, self.n_loc, self.seed = micro_batch_size, n_loc, seed
         self.max_length, self.loc_max_length = max_length, loc_max_length
         self._perms: dict[tuple[str, int], torch.Tensor] = {}
@@ -349,7 +355,11 @@ class _Batches:
                      for p, t in zip(prompts, targets, strict=True)]
         outer = encode_edits(self.tokenizer, [e.outer_prompt(draw) for e, draw in examples], targets,
                              max_length=self.max_length)
-        loc = encode_texts(self.tokenizer, list(loc_texts), max_length=self.loc_max_length)
+        neighbours = []
+        for example, draw in examples:
+            pool = example.neighbours
+            neighbours += [pool[(draw + j) % len(pool)] for j in range(min(self.loc_neighbours, len(pool)))]
+        loc = encode_texts(self.tokenizer, [*loc_texts, *neighbours], max_length=self.loc_max_length)
         return _Micro(inner=inner, outer=outer, loc=loc, rewrite=inner_all if with_rewrite else None)
 
     def micro_batch(self, index: int) -> _Micro:
@@ -406,7 +416,7 @@ def evaluate_editor(network: EditorNetwork, model: nn.Module, tokenizer: PreTrai
     positions = model_max_length(model)
     batches = _Batches(data, tokenizer, network.kind, micro_batch_size=1, n_loc=config.n_loc, seed=config.seed,
                        max_length=_cap(config.max_length, positions),
-                       loc_max_length=_cap(config.loc_max_length, positions))
+                       loc_max_length=_cap(config.loc_max_length, positions), loc_neighbours=config.loc_neighbours)
     with frozen_eval(model):
         return _evaluate(network, network.kind, model, batches, examples, config)
 
@@ -498,7 +508,7 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
     positions = model_max_length(model)
     batches = _Batches(data, tokenizer, method, micro_batch_size=config.micro_batch_size, n_loc=config.n_loc,
                        seed=config.seed, max_length=_cap(config.max_length, positions),
-                       loc_max_length=_cap(config.loc_max_length, positions))
+                       loc_max_length=_cap(config.loc_max_length, positions), loc_neighbours=config.loc_neighbours)
     val_examples = data.val[:config.eval_size] if config.eval_size else data.val
 
     model.to(accelerator.device)

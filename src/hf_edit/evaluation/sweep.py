@@ -46,7 +46,7 @@ from . import zsre
 from .data import EvalData, load_eval_data
 from .runner import EvaluationResult, Protocol, evaluate_model
 
-__all__ = ["SweepEntry", "SweepResult", "sweep", "config_grid", "parse_grid_values", "SWEEP_FORMAT"]
+__all__ = ["SWEEP_FORMAT", "SweepEntry", "SweepResult", "config_grid", "parse_grid_values", "setting_name", "sweep"]
 
 SWEEP_FORMAT = "hf_edit.sweep.v1"
 FailedPolicy = Literal["exclude", "unedited"]

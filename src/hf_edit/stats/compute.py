@@ -6,23 +6,25 @@ projection) over every non-padding token of a sample of texts.  What is summed i
 ``random.Random(seed)`` permutation for local data, a seeded sample of a streamed prefix for Hub data sets), each
 text truncated to the model's maximum length.  How it is summed is faster:
 
-* the forward pass stops *before* the projection runs (a forward pre-hook), not after;
+* the forward pass stops *before* the projection runs (a forward pre-hook), not after it;
 * texts are tokenised a thousand at a time, sorted by length and cut into right-padded batches of about
-  :data:`DEFAULT_BATCH_TOKENS` tokens (the reference: 3 × max length, i.e. 192 tokens for a 64-position model);
-  padding stays below a few per cent, so texts are not packed into shared rows;
-* each batch's products kᵀk are computed in float32 (``product_dtype``) over the upper block triangle only (blocks
-  of :data:`GRAM_BLOCK` columns, about 5/8 of the multiply-adds of the full product), then added to a float64 sum;
-  the lower triangle is filled in at the end, so S is exactly symmetric.  Relative to exact float64 products this
-  changes S by about 1e-7 relative (float32 rounding of each batch's sum over ≤ a few thousand tokens), which is
-  the size of the float32 forward pass's own noise on the keys; ``product_dtype="float64"`` computes exact float64
-  products for comparison.
+  max(:data:`DEFAULT_BATCH_TOKENS`, 3 × max length) tokens (the reference: 3 × max length in groups of 100 texts).
+  Padding stays at a few per cent, so texts are not packed into shared rows (on the CPU, a block-diagonal mask
+  would cost more attention than the padding it saves);
+* each batch's product kᵀk is computed over the upper block triangle only (blocks of :data:`GRAM_BLOCK` columns:
+  5/8 of the multiply-adds of the full product for I = 1024) and added to a float64 sum; the lower triangle is
+  filled in at the end, so S is exactly symmetric;
+* the products are computed in ``product_dtype``, by default the statistics' dtype: float64 (exact products of the
+  float32 keys) for the default ``dtype="float64"``, float32 for the reference's ``dtype="float32"``.  Float32
+  products summed in float64 are faster; they put S within about 2e-7 (relative) of the exact float64 sum, against
+  about 3e-7 for the reference's float32 running sum.
 
 Statistics are cached on disk as safetensors files named by a content fingerprint (base weights, tokenizer, module,
 data and its sampling scheme, sample size, maximum length, dtypes, seed), never by the model's display name.
 Statistics computed from a Hub data set (keyed by its commit) are found again when the Hub cannot be reached.
 Under an initialised ``torch.distributed`` group of several processes (``accelerate launch``) the batches are shared
-out and the sums all-reduced (:mod:`hf_edit.stats.distributed`); the cache file and its key are the same as a
-single process's.
+out and the sums all-reduced (:mod:`hf_edit.stats.distributed`); the cache file and its key are the same
+as a single process's.
 """
 
 from __future__ import annotations
@@ -70,8 +72,6 @@ _TEXTS_PER_CHUNK = 1000  # texts tokenised, length-sorted and batched together (
 DEFAULT_BATCH_TOKENS = 1024
 #: Columns per block of the upper-block-triangular product kᵀk.
 GRAM_BLOCK = 256
-#: Key vectors multiplied together (consecutive forward batches are grouped up to at least this many).
-GRAM_TOKENS = 4096
 
 
 def stats_cache_dir() -> Path:
@@ -108,7 +108,7 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
             (e.g. ``peft_model.disable_adapter``).
         progress: show a tqdm progress bar (on the main process only).
         model_revision: the Hub revision ``model`` was loaded from (part of its fingerprint).
-        product_dtype: dtype of each group of batches' products kᵀk before they are added to the float64 sum
+        product_dtype: dtype of each batch's products kᵀk before they are added to the float64 sum
             (default: ``dtype``).  ``"float64"``: exact products of the (float32) keys.  ``"float32"``: about 1.4×
             faster on CPU, far faster on GPUs with slow float64; S then differs from exact float64 by about 2e-7
             relative (float32 rounding), which moved u = C⁻¹k by up to 1e-5 relative on cf-facts-gpt2 (cond(C)
@@ -328,10 +328,9 @@ class GramSum:
 
     Each batch's product is computed in ``product_dtype`` over the upper block triangle only (row blocks of
     ``block`` columns times the columns from the block's diagonal on), then added to the float64 sum;
-    :meth:`result` fills in the lower triangle from the upper one, so S is exactly symmetric.  The float32
-    rounding error of a batch's product is of the order of ε₃₂ = 6e-8 times the sum of |k_i k_j| over the batch
-    (its blocked summation grows slowly with the batch's token count); summing batches in float64 adds nothing
-    measurable, unlike a float32 running sum over millions of tokens.
+    :meth:`result` fills in the lower triangle from the upper one, so S is exactly symmetric.  With float32
+    products, each entry's rounding error is of the order of ε₃₂ = 6e-8 times Σ|k_i k_j| over the batch; summing
+    the batches in float64 adds nothing measurable, unlike a float32 running sum over millions of tokens.
 
     Args:
         dim: key width I.
@@ -412,44 +411,27 @@ def _sum_keys(model: nn.Module, tokenizer: Any, target: EditTarget, chunks: Iter
     """(Σ k kᵀ in float64, n vectors, texts read) over the texts, on the device of the module's weight; with a
     ``group``, over this process's share only.
 
-    The forward batches of a chunk are grouped into units of at least :data:`GRAM_TOKENS` key vectors, whose keys
-    are multiplied together.  Every process forms the same units as a single process would and runs every
-    ``group.size``-th of them, so each key vector and each unit's product is computed exactly as a single process
-    computes it: only the order of the float64 additions differs from the single-process result.
+    Every process forms the same batches as a single process would and runs every ``group.size``-th of them, so
+    each key vector and each batch's product is computed exactly as a single process computes it: only the order
+    of the float64 additions differs from the single-process result.
     """
     module = unwrap_model(model).get_submodule(target.name)
     device = base_layer(module).weight.device
     pad_id = pad_token_id(tokenizer)
     with_positions = _accepts(model, "position_ids")
     gram = GramSum(target.in_features, device, product_dtype)
-    unit_number = n_texts = 0
+    batch_number = n_texts = 0
     with tqdm(total=expected, disable=not progress, desc=f"mom2 {target.name}", unit="text") as bar:
         for chunk in chunks:
-            for unit in _units(_token_batches(chunk, tokenizer, max_len, batch_tokens)):
-                unit_number += 1
-                if group is not None and not group.owns(unit_number - 1):
+            for rows in _token_batches(chunk, tokenizer, max_len, batch_tokens):
+                batch_number += 1
+                if group is not None and not group.owns(batch_number - 1):
                     continue
-                keys = [_batch_keys(model, module, _padded(rows, pad_id, device, with_positions), target)
-                        for rows in unit]
-                gram.add(keys[0] if len(keys) == 1 else torch.cat(keys))
-                bar.update(sum(len(rows) for rows in unit))
+                gram.add(_batch_keys(model, module, _padded(rows, pad_id, device, with_positions), target))
+                bar.update(len(rows))
             n_texts += len(chunk)
             bar.update(n_texts - bar.n)  # texts dropped because they tokenise to nothing, and other processes'
     return gram.result(), gram.count, n_texts
-
-
-def _units(batches: list[list[list[int]]]) -> list[list[list[list[int]]]]:
-    """Consecutive batches grouped until each group holds at least :data:`GRAM_TOKENS` tokens (the last may hold
-    fewer)."""
-    units: list[list[list[list[int]]]] = []
-    tokens = GRAM_TOKENS
-    for rows in batches:
-        if tokens >= GRAM_TOKENS:
-            units.append([])
-            tokens = 0
-        units[-1].append(rows)
-        tokens += sum(len(row) for row in rows)
-    return units
 
 
 def _padded(rows: list[list[int]], pad_id: int, device: torch.device, with_positions: bool) -> dict[str, torch.Tensor]:

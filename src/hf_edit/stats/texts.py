@@ -155,7 +155,7 @@ class _StreamSample(SampledTexts):
         try:
             stream = datasets.load_dataset(self.dataset_id, self.config, split=_STREAM_SPLIT, streaming=True,
                                            revision=self.revision)
-        except Exception as exc:  # noqa: BLE001 (datasets raises many kinds; all mean the same to the user)
+        except Exception as exc:  # datasets raises many kinds; all mean the same to the user
             raise ConfigError(f"Cannot stream the statistics data set {self.dataset_id!r}"
                               f"{f' (config {self.config!r})' if self.config else ''}: {type(exc).__name__}: "
                               f"{exc}") from exc
@@ -347,7 +347,7 @@ def _hub_revision(spec: str, dataset_id: str) -> str:
                           f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the dataset id (owner/name or "
                           "owner/name:config) and your access to it, or pass local text (--stats-data PATH, "
                           "stats_data=PATH, mom2_dataset=PATH).") from exc
-    except Exception as exc:  # noqa: BLE001 (connection refused, DNS failure, timeout: httpx/requests/OS errors)
+    except Exception as exc:  # connection refused, DNS failure, timeout: httpx/requests/OS errors
         raise HubUnreachableError(offline_message(spec, f"{type(exc).__name__}: {exc}")) from exc
     if not getattr(info, "sha", None):
         raise HubUnreachableError(offline_message(spec, "the Hub returned no commit for it"))
