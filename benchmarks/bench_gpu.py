@@ -164,7 +164,7 @@ def bench_model(name: str, dtype: torch.dtype, args: argparse.Namespace, tokeniz
                               "runs_s": times, "peak_gib": max(p or 0 for p in peaks),
                               "note": "first run includes computing the statistics of the extra layers"}
         print(f"[{name} {row['dtype']}] MEMIT {len(requests)} edits: median {median(times):.2f} s", flush=True)
-    del edited, model
+    edited = model = None  # free the GPU memory before the next model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return row
