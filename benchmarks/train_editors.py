@@ -13,8 +13,8 @@ faster than two contending ones) and printed.
 
 Usage::
 
-    python benchmarks/train_editors.py --out /tmp/editors --minutes 15
-    python benchmarks/train_editors.py --out /tmp/editors --minutes 15 --resume   # continue interrupted runs
+    python benchmarks/train_editors.py --out /tmp/editors --minutes 20 --rome
+    python benchmarks/train_editors.py --out /tmp/editors --minutes 20 --resume   # continue interrupted runs
     python benchmarks/train_editors.py --out /tmp/editors --stage train --methods mend &  # one process each
     python benchmarks/train_editors.py --out /tmp/editors --stage train --methods ke &
     python benchmarks/train_editors.py --out /tmp/editors --stage eval --rome  # evaluate the trained networks
@@ -154,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="where the networks and logs go")
     parser.add_argument("--methods", nargs="+", default=["mend", "ke"], choices=["mend", "ke"])
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per method (wall time)")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per method (wall time)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--n", type=int, default=200, help="CounterFact cases to evaluate")
     parser.add_argument("--timing-edits", type=int, default=20, help="single edits timed per method")
