@@ -118,7 +118,8 @@ def run_quality(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = payload.get("rows", [])
     done = {(r["n_samples"], r["damping"]) for r in rows}
     for damping in args.damping:
-        for n in parse_samples(args.samples):
+        grid = args.samples if damping == 0 or not args.damped_samples else args.damped_samples
+        for n in parse_samples(grid):
             if (samples_label(n), damping) in done:
                 continue
             config = ROMEConfig(layers=(LAYER,), mom2_dataset=str(WIKITEXT), mom2_n_samples=n or 10**9,
@@ -126,15 +127,18 @@ def run_quality(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             result = evaluate_model(str(CF_FACTS), str(COUNTERFACT), method=config, n=args.cases, progress=False)
             post = result.summary["post"]
+            per_case = [{m: case["post"]["metrics"].get(m) for m in ("ES", "PS", "NS")}
+                        if "metrics" in case.get("post", {}) else None for case in result.cases]
             row = {"n_samples": samples_label(n), "damping": damping, "seconds": time.perf_counter() - started,
-                   "counts": getattr(result, "counts", None), **{m: post[m]["mean"] for m in ("ES", "PS", "NS", "S")},
+                   **{m: post[m]["mean"] for m in ("ES", "PS", "NS", "S")},
                    **{f"{m}_stderr": post[m].get("stderr") for m in ("ES", "PS", "NS")},
-                   "failed_or_refused": sum(1 for case in result.cases if not (case.get("edit") or case).get("ok", True)),
-                   "stats_vectors": _stats_vectors(n)}
+                   "failed_or_refused": sum(1 for case in result.cases
+                                            if not (case.get("edit") or case).get("ok", True)),
+                   "stats_vectors": _stats_vectors(n), "per_case": per_case}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_case"}), flush=True)
             payload = {"model": CF_FACTS.name, "layer": LAYER, "cases": args.cases, "data": "wikitext-2-raw valid+test",
-                       "rows": rows, "environment": environment()}
+                       "v_star_reused": True, "rows": rows, "environment": environment()}
             save_json(QUALITY_JSON, payload)
     write_quality_markdown()
 
@@ -228,13 +232,16 @@ def write_quality_markdown() -> None:
                    f"statistics from N rows of {quality['data']} (empty rows are sampled and dropped, as in the "
                    "reference); post-edit ×100 ± stderr over the applied edits; 'not applied': edits the guard "
                    "refused or that failed."), "",
-                  "| N texts | damping λ | key vectors | ES | PS | NS | S | not applied | minutes |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  ("| N texts | damping λ | key vectors | ES | PS | NS | S | not applied | ES flips vs all | "
+                   "mean abs ΔPS, ΔNS vs all | minutes |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        reference = next((r for r in quality["rows"] if r["n_samples"] == "all" and r["damping"] == 0), None)
         for r in quality["rows"]:
+            paired = _paired(r, reference)
             lines.append(f"| {r['n_samples']} | {r['damping']:g} | {r.get('stats_vectors')} | "
                          f"{r['ES']:.1f} ± {r['ES_stderr']:.1f} | {r['PS']:.1f} ± {r['PS_stderr']:.1f} | "
                          f"{r['NS']:.1f} ± {r['NS_stderr']:.1f} | {r['S']:.1f} | {r.get('failed_or_refused')} | "
-                         f"{r['seconds'] / 60:.1f} |")
+                         f"{paired[0]} | {paired[1]} | {r['seconds'] / 60:.1f} |")
         lines.append("")
     if AGREEMENT_JSON.exists():
         agreement = json.loads(AGREEMENT_JSON.read_text())
@@ -250,6 +257,19 @@ def write_quality_markdown() -> None:
                              f"{r['cos_min']:.4f} |")
     if lines:
         (RESULTS / "stats_quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _paired(row: dict[str, Any], reference: dict[str, Any] | None) -> tuple[str, str]:
+    """Against the all-texts run, case by case: how many cases' ES outcome differs, and the mean absolute change of
+    PS and NS (×100) over the cases both applied."""
+    if reference is None or not row.get("per_case") or not reference.get("per_case"):
+        return "", ""
+    pairs = [(a, b) for a, b in zip(row["per_case"], reference["per_case"]) if a and b]
+    if not pairs:
+        return "", ""
+    flips = sum(1 for a, b in pairs if a["ES"] != b["ES"])
+    mean = lambda m: statistics.fmean(abs(a[m] - b[m]) for a, b in pairs) * 100
+    return f"{flips}/{len(pairs)}", f"{mean('PS'):.2f}, {mean('NS'):.2f}"
 
 
 def run_plot(_args: argparse.Namespace) -> None:
@@ -578,6 +598,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=200)
     parser.add_argument("--samples", nargs="+", default=["100", "300", "1000", "3000", "all"])
     parser.add_argument("--damping", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--damped-samples", nargs="+", help="quality: the N values run with damping > 0")
     parser.add_argument("--merge", action="store_true", help="quality: keep the rows already in the results")
     parser.add_argument("--cache", help="statistics cache folder (default: a temporary one)")
     args = parser.parse_args()

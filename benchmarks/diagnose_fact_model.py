@@ -366,7 +366,20 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["reach_paraphrase_median"] = float(np.median([r["reach_paraphrase"] for r in ok if "reach_paraphrase" in r])) \
         if ok else math.nan
     out["v_star_success"] = mean_bool(ok, lambda r: r["target_probability"] > 0.5)
+    copies = copy_case_ids()
+    for group, members in (("copy", True), ("other", False)):
+        rows = [r for r in ok if (r["case_id"] in copies) == members]
+        out[f"n_{group}"] = len(rows)
+        for metric in ("ES", "PS", "NS"):
+            out[f"{metric}_{group}"] = 100 * float(np.mean([r[metric] for r in rows])) if rows else math.nan
     return out
+
+
+def copy_case_ids() -> set[Any]:
+    """Case ids whose true object is written in the subject (e.g. 'Honda Insight' → Honda)."""
+    records = json.loads(COUNTERFACT.read_text())
+    return {r["case_id"] for r in records
+            if r["requested_rewrite"]["target_true"]["str"].lower() in r["requested_rewrite"]["subject"].lower()}
 
 
 def mean_bool(records: list[dict[str, Any]], predicate) -> float:
@@ -377,7 +390,8 @@ COLUMNS = [("variant", None), ("ES", "{:.1f}"), ("PS", "{:.1f}"), ("NS", "{:.1f}
            ("failed", "{:d}"), ("clamped", "{:.0%}"), ("early_stopped", "{:.0%}"), ("v_steps", "{:.1f}"),
            ("target_probability", "{:.2f}"), ("v_star_success", "{:.0f}"), ("ES_value", "{:.1f}"),
            ("PS_value", "{:.1f}"), ("reach_paraphrase_median", "{:.2f}"), ("reach_last", "{:.2f}"),
-           ("reach_max_other", "{:.2f}"), ("relative_norm", "{:.2f}"),
+           ("reach_max_other", "{:.2f}"), ("ES_copy", "{:.0f}"), ("ES_other", "{:.0f}"),
+           ("NS_copy", "{:.0f}"), ("NS_other", "{:.0f}"), ("relative_norm", "{:.2f}"),
            ("seconds", "{:.1f}")]
 HEADERS = {"reach_last": "reach(last)", "reach_max_other": "max reach(other)", "target_probability": "p(v*)", "v_star_success": "p(v*)>.5 %", "reach_paraphrase_median": "reach(para)",
            "relative_norm": "‖ΔW‖/‖W‖", "early_stopped": "early stop", "seconds": "s/edit", "v_steps": "steps"}
@@ -396,6 +410,27 @@ def markdown(summaries: dict[str, dict[str, Any]], overrides: dict[str, dict[str
     return "\n".join(lines)
 
 
+def combine(paths: list[Path], out: Path) -> None:
+    """Merge the outputs of several runs on the same cases (later files win) and write JSON and Markdown."""
+    merged: dict[str, Any] = {"cases": {}, "summaries": {}, "overrides": {}}
+    for path in paths:
+        data = json.loads(path.read_text())
+        if "split" in merged and data["split"] != merged["split"]:
+            raise SystemExit(f"{path} was run on other cases ({data['split']} vs {merged['split']})")
+        for key in ("cases", "summaries", "overrides"):
+            merged[key].update(data[key])
+        merged.update({k: v for k, v in data.items() if k not in ("cases", "summaries", "overrides")})
+    order = [n for n in VARIANTS if n in merged["summaries"]] + [n for n in merged["summaries"] if n not in VARIANTS]
+    for key in ("cases", "summaries", "overrides"):
+        merged[key] = {n: merged[key][n] for n in order}
+    for name in order:  # recompute with the current summarise (older runs lack some fields)
+        merged["summaries"][name] = summarise(merged["cases"][name])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1, default=str, allow_nan=True))
+    out.with_suffix(".md").write_text(markdown(merged["summaries"], merged["overrides"]) + "\n")
+    print(markdown(merged["summaries"], merged["overrides"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30, help="cases (from --start)")
@@ -404,7 +439,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "diagnose_fact_model.json")
     parser.add_argument("--merge", action="store_true", help="add to the variants already in --out")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="only combine earlier outputs (same cases) into --out, in the order of VARIANTS")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*did not take.*")  # the benchmark records it per case
 

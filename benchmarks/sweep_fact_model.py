@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diagnose_fact_model import COUNTERFACT, MODEL, RESULTS, STATS, register_prototype
+from diagnose_fact_model import COUNTERFACT, MODEL, RESULTS, STATS, copy_case_ids, register_prototype
 
 from hf_edit import EditedModel, ROMEConfig
 from hf_edit.evaluation import EvalData, SweepResult, load_eval_data, sweep
@@ -111,13 +111,6 @@ def run(split: str, names: list[str], n: int | None, out: Path) -> SweepResult:
 
 def _meets(summary: dict[str, dict[str, float]]) -> bool:
     return all(summary.get(k, {}).get("mean", -1) >= v for k, v in GOAL.items())
-
-
-def copy_case_ids() -> set[Any]:
-    """Case ids whose true object occurs in the subject (e.g. 'Honda Insight' → Honda)."""
-    records = json.loads(COUNTERFACT.read_text())
-    return {r["case_id"] for r in records
-            if r["requested_rewrite"]["target_true"]["str"].lower() in r["requested_rewrite"]["subject"].lower()}
 
 
 def _copy_breakdown(results: Path) -> dict[tuple[str, str, str], dict[str, float]]:

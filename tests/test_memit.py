@@ -304,6 +304,41 @@ def test_emmet_closed_form_oracles():
     torch.testing.assert_close(B1 @ A1, r @ c_inv_k.T / (k.T @ c_inv_k), rtol=1e-9, atol=1e-12)
 
 
+def test_preserved_keys_in_every_closed_form():
+    """prompt_preservation: extra preserved columns O (λC + OOᵀ); low-rank forms equal the dense ones."""
+    from hf_edit.methods.memit.solve import alphaedit_dense, alphaedit_lowrank, null_space
+
+    C, K, R = _problem()
+    O = torch.randn(K.shape[0], 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    chol = torch.linalg.cholesky(C)
+    A, B = memit_lowrank(chol, K, R, 2.0, preserved=O)
+    torch.testing.assert_close(A, memit_dense(C, K, R, 2.0, preserved=O)[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(B @ A @ (2.0 * C + O @ O.T + K @ K.T), R @ K.T, rtol=1e-10, atol=1e-10)
+    big, _ = memit_lowrank(chol, K, R, 2.0, preserved=1e3 * O)
+    assert (R @ big @ O).norm() < 1e-3 * (R @ A @ O).norm()  # strongly preserved keys are left unchanged
+    A, _, _ = emmet_lowrank(chol, K, R, 3.0, 0.1, preserved=O)
+    torch.testing.assert_close(A, emmet_dense(C, K, R, 3.0, 0.1, preserved=O)[0], rtol=1e-8, atol=1e-12)
+    space = null_space(C, float(torch.linalg.eigvalsh(C).quantile(0.6)), basis_dtype=torch.float64)
+    A, _ = alphaedit_lowrank(space, K, R, None, 10.0, preserved=O)
+    dense, _ = alphaedit_dense(space.dense(), K, R, O @ O.T, 10.0, dtype=torch.float64)
+    torch.testing.assert_close(A, dense, rtol=1e-9, atol=1e-12)
+
+
+def test_prompt_preservation_keeps_the_prompts_other_tokens(gpt2_tokenizer, settings):
+    model = _model("gpt2", gpt2_tokenizer)
+    editor = _editor(MEMITEditor, model, gpt2_tokenizer, layers=(1,), mom2_update_weight=1.0,
+                     **dict(settings, prompt_preservation=1e4))
+    target = editor.targets()[0]
+    O = editor.prompt_keys(REQUESTS, target)
+    lengths = [len(gpt2_tokenizer(r.filled_prompt)["input_ids"]) for r in REQUESTS]
+    assert O.shape == (target.in_features, sum(lengths) - len(REQUESTS))
+    update = editor.compute(REQUESTS)[0]
+    plain = _editor(MEMITEditor, model, gpt2_tokenizer, layers=(1,), mom2_update_weight=1.0, **settings)
+    reference = plain.compute(REQUESTS)[0]
+    moved = (update.delta_weight().double() @ O).norm() / (reference.delta_weight().double() @ O).norm()
+    assert moved < 0.05 and update.info["fit"] < 0.05
+
+
 def test_duplicate_keys_make_emmet_singular_without_merge():
     C, K, R = _problem(n=2)
     K = torch.cat([K[:, :1], K[:, :1]], dim=1)

@@ -514,3 +514,14 @@ def test_products_and_sampling_are_recorded_and_keyed(gpt2, gpt2_tokenizer, corp
         load_or_compute_stats(gpt2, gpt2_tokenizer, target, **kwargs, product_dtype="bfloat16")
     with pytest.raises(ConfigError, match="batch_tokens"):
         compute(gpt2, gpt2_tokenizer, dataset=corpus, batch_tokens=0)
+
+
+def test_reduced_float32_matmul_precision_is_reported(gpt2, gpt2_tokenizer, corpus, caplog):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with caplog.at_level("WARNING", logger="hf_edit.stats.compute"):
+            compute(gpt2, gpt2_tokenizer, dataset=corpus, n_samples=10)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert "set_float32_matmul_precision('high')" in caplog.text and "'highest'" in caplog.text

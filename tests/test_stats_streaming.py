@@ -313,3 +313,17 @@ def test_command_line_offline_error_is_one_line(tmp_path, gpt2_tokenizer):
         assert_tells_how_to_pass_local_text(last)
         assert time.perf_counter() - started < 120  # import and model load only: no retries
     assert not Path(tmp_path / "out").exists()
+
+
+def test_a_stream_that_breaks_names_the_data_set_and_caches_nothing(hub, monkeypatch, gpt2, gpt2_tokenizer,
+                                                                    tmp_path):
+    def broken():
+        for index in range(30):
+            yield {"text": f"row {index}"}
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.IterableDataset.from_generator(broken))
+    with pytest.raises(StatisticsError, match="owner/flaky::train@.*connection reset by peer"):
+        load_or_compute_stats(gpt2, gpt2_tokenizer, resolve_target(gpt2, 1), dataset="owner/flaky", n_samples=5,
+                              max_length=MAX_LEN, progress=False, cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -2,8 +2,8 @@
 
 - :mod:`~hf_edit.stats.second_moment`: :class:`SecondMomentStats` and its file formats (safetensors cache files,
   the reference's ``.npz`` files).
-- :mod:`~hf_edit.stats.compute`: computing C faithfully to the reference, and the content-addressed cache
-  (:func:`load_or_compute_stats`, :func:`stats_cache_dir`).
+- :mod:`~hf_edit.stats.compute`: computing C (the reference's sum, computed faster: :class:`GramSum`), and the
+  content-addressed cache (:func:`load_or_compute_stats`, :func:`stats_cache_dir`).
 - :mod:`~hf_edit.stats.fingerprint`: what identifies the model and tokenizer in a cache key.
 - :mod:`~hf_edit.stats.texts`: the text data sets statistics are computed over, and how they are sampled
   (local data: the reference's permutation; Hub data sets: streamed, a seeded sample of a prefix).

@@ -175,8 +175,8 @@ class _StreamSample(SampledTexts):
                 self.window = known
         wanted = None if self.window is None else set(reference_sample(self.window, self.n_samples, self.seed))
         chunk: list[str] = []
-        row = 0
-        for batch in stream.iter(batch_size=_STREAM_READ_BATCH):
+        row = self._rows_seen = 0
+        for batch in self._read(stream):
             texts = batch.get("text") if isinstance(batch, dict) else None
             if texts is None:
                 raise ConfigError(f"{self.dataset_id} has no 'text' column (columns: {sorted(batch)}).")
@@ -189,6 +189,7 @@ class _StreamSample(SampledTexts):
                 row += 1
                 if self.window is not None and row >= self.window:
                     break
+            self._rows_seen = row
             if self.window is not None and row >= self.window:
                 break
         self._rows_seen = row
@@ -196,6 +197,21 @@ class _StreamSample(SampledTexts):
             raise StreamEndedEarly(row)
         if chunk:
             yield chunk
+
+    def _read(self, stream: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+        """The stream's batches; a failure while reading (a dropped connection) names the data set and the row."""
+        batches = iter(stream.iter(batch_size=_STREAM_READ_BATCH))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:  # network and decoding errors of datasets/fsspec/pyarrow
+                raise StatisticsError(f"Streaming the statistics data set {self.dataset} failed after "
+                                      f"{self._rows_seen} rows ({type(exc).__name__}: {exc}). Nothing was cached; "
+                                      "run again, or pass local text (--stats-data PATH, stats_data=PATH, "
+                                      "mom2_dataset=PATH).") from exc
+            yield batch
 
     def redraw(self, rows: int) -> None:
         """Draw the sample again over the ``rows`` rows the stream really has."""

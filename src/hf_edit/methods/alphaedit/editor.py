@@ -66,7 +66,7 @@ class AlphaEditEditor(MassEditor):
                 "precision": "svd-float32" if self.config.mom2_dtype == "float32" else "eigh-float64"}
 
     def before_batch(self, targets: list[EditTarget], stats: list[SecondMomentStats],
-                units: list[list[EditRequest]]) -> None:
+                     units: list[list[EditRequest]]) -> None:
         """Check the state against the statistics (before anything changes), build missing projectors, and drop
         cached keys of batches that were removed.
 
@@ -138,18 +138,19 @@ class AlphaEditEditor(MassEditor):
 
     # -- the closed form ----------------------------------------------------------------------------------
     def solve_layer(self, index: int, target: EditTarget, stats: SecondMomentStats, K: torch.Tensor,
-                    R: torch.Tensor) -> LayerSolve:
+                    R: torch.Tensor, *, preserved: torch.Tensor | None = None) -> LayerSolve:
         cfg = self.config
         dtype = dtype_of(cfg.solve_dtype)
         space = self.null_space(target)
         previous = self.previous_keys(target)
         n_previous = 0 if previous is None else int(previous.shape[1])
         if cfg.mom2_dtype == "float32":
-            cache = None if previous is None else previous.to(dtype) @ previous.to(dtype).T
+            extra = [x.to(dtype) for x in (previous, preserved) if x is not None]
+            cache = sum(x @ x.T for x in extra) if extra else None
             A, B = alphaedit_dense(space.dense(dtype), K, R, cache, cfg.L2, dtype)
             solve = "dense"
         else:
-            A, B = alphaedit_lowrank(space, K, R, previous, cfg.L2, dtype)
+            A, B = alphaedit_lowrank(space, K, R, previous, cfg.L2, dtype, preserved=preserved)
             solve = "low-rank"
         return A, B, {"solve": solve, "nullity": space.nullity, "projector_kind": space.kind,
                       "previous_keys": n_previous}

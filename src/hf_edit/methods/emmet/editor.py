@@ -28,15 +28,16 @@ class EMMETEditor(MassEditor):
     config_class = EMMETConfig
 
     def solve_layer(self, index: int, target: EditTarget, stats: SecondMomentStats, K: torch.Tensor,
-                    R: torch.Tensor) -> LayerSolve:
+                    R: torch.Tensor, *, preserved: torch.Tensor | None = None) -> LayerSolve:
         cfg = self.config
         dtype = dtype_of(cfg.solve_dtype)
         if cfg.mom2_dtype == "float32":
             A, B, fallback = emmet_dense(stats.second_moment(), K, R, cfg.mom2_update_weight, cfg.emmet_lambda,
-                                         cfg.update_norm_lambda, dtype)
+                                         cfg.update_norm_lambda, dtype, preserved=preserved)
             solve = "dense"
         else:
             chol = self.cholesky(stats, cfg.update_norm_lambda / cfg.mom2_update_weight)
-            A, B, fallback = emmet_lowrank(chol, K, R, cfg.mom2_update_weight, cfg.emmet_lambda, dtype)
+            A, B, fallback = emmet_lowrank(chol, K, R, cfg.mom2_update_weight, cfg.emmet_lambda, dtype,
+                                           preserved=preserved)
             solve = "low-rank"
         return A, B, {"solve": solve, "pinv_fallback": fallback, "ridge": cfg.emmet_lambda if K.shape[1] > 1 else 0.0}

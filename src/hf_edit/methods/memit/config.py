@@ -110,6 +110,12 @@ class MassEditConfig(EditConfig):
             tokenizer's BOS/EOS token as ROME does (:func:`hf_edit.templates.sample_context_templates`).
         context_template_top_k: top-k of the template sampler.
         seed: seed of the template sampler.
+        prompt_preservation: μ ≥ 0, hf_edit's extension (0 = the reference): the keys of every other token of each
+            request's own prompt (the subject's other tokens, the prompt's other words) are added to the preserved
+            keys, weighted by μ (λC + μ K_o K_oᵀ in MEMIT; likewise in EMMET's C and AlphaEdit's cache term), so
+            that the update moves only the fact token's hidden state and leaves the rest of the prompt as it was.
+            On cf-facts-gpt2 this removes the interference that costs the reference most of its efficacy (see
+            ``benchmarks/bench_memit.py``).
         duplicate_subjects: requests of one batch whose keys are identical (same subject after the same prompt
             prefix): ``"merge"`` (MEMIT-Merge: one key column and one z optimised for the union of their prompts
             and targets; the default), ``"separate"`` (the reference: one column each, so the solve averages their
@@ -142,6 +148,7 @@ class MassEditConfig(EditConfig):
     context_template_seeds: tuple[str, ...] | None = MEMIT_SEED_WORDS
     context_template_top_k: int = 5
     seed: int = 0
+    prompt_preservation: float = 0.0
     duplicate_subjects: DuplicatePolicy = "merge"
 
     def __post_init__(self) -> None:
@@ -177,7 +184,7 @@ class MassEditConfig(EditConfig):
         for name in ("v_lr", "clamp_norm_factor"):
             if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
-        for name in ("kl_factor", "v_weight_decay", "early_stop_loss"):
+        for name in ("kl_factor", "v_weight_decay", "early_stop_loss", "prompt_preservation"):
             if not _finite(getattr(self, name)) or not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)!r}.")
         for length, n in self.context_template_length_params:

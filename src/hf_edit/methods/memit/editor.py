@@ -39,7 +39,14 @@ from ...templates import BARE_TEMPLATE
 from ...tokens import encode_with_subject, pad_token_id
 from ..base import EditContext, Editor, Update
 from .config import MassEditConfig, MEMITConfig
-from .keys import PositionedRows, encode_templated, fact_position, group_weights, read_at_positions
+from .keys import (
+    PositionedRows,
+    encode_templated,
+    fact_position,
+    group_weights,
+    read_all_positions,
+    read_at_positions,
+)
 from .solve import CholeskyCache, dtype_of, memit_dense, memit_lowrank
 from .templates import GroupedTemplates, flatten_templates, sample_grouped_templates
 from .values import LogitLens, ValueProblem, ValueResult, ValueSettings, optimise_values
@@ -238,7 +245,8 @@ class MassEditor(Editor):
                     R_l = R * share
                     timings[f"keys_{target.layer}"] = time.perf_counter() - clock
                     clock = time.perf_counter()
-                    A, B, solve_info = self.solve_layer(i, target, stats[i], K, R_l)
+                    preserved = self.prompt_keys(requests, target)
+                    A, B, solve_info = self.solve_layer(i, target, stats[i], K, R_l, preserved=preserved)
                     timings[f"solve_{target.layer}"] = time.perf_counter() - clock
                     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                         raise OptimizationError(
@@ -275,12 +283,13 @@ class MassEditor(Editor):
 
     # -- subclass hooks -----------------------------------------------------------------------------------
     def before_batch(self, targets: list[EditTarget], stats: list[SecondMomentStats],
-                units: list[list[EditRequest]]) -> None:
+                     units: list[list[EditRequest]]) -> None:
         """Called before any computation of a batch (e.g. to check or build state).  Default: nothing."""
 
     def solve_layer(self, index: int, target: EditTarget, stats: SecondMomentStats, K: torch.Tensor,
-                    R: torch.Tensor) -> LayerSolve:
-        """The closed form of layer ``index``: K (d_in, n) keys, R (d, n) its share of the residual."""
+                    R: torch.Tensor, *, preserved: torch.Tensor | None = None) -> LayerSolve:
+        """The closed form of layer ``index``: K (d_in, n) keys, R (d, n) its share of the residual, ``preserved``
+        (d_in, m) further keys to keep unchanged, weighted (``prompt_preservation``), or ``None``."""
         raise NotImplementedError
 
     def finish(self, targets: list[EditTarget], units: list[list[EditRequest]], updates: list[Update]) -> bool:
@@ -315,6 +324,24 @@ class MassEditor(Editor):
             weights = weights / weights.sum(1, keepdim=True)
         return PositionedRows(tuple(ids), tuple(positions)), weights, [u * per_template + bare
                                                                         for u in range(len(units))]
+
+    def prompt_keys(self, requests: Sequence[EditRequest], target: EditTarget) -> torch.Tensor | None:
+        """√μ · the keys of every token of the requests' bare prompts but the fact token, on the model as it is now
+        (``prompt_preservation`` = μ; ``None`` when μ = 0), as (d_in, m) float64 columns."""
+        mu = self.config.prompt_preservation
+        if not mu:
+            return None
+        encoded = [encode_templated(self.tokenizer, BARE_TEMPLATE, r) for r in dict.fromkeys(requests)]
+        module = unwrap_model(self.model).get_submodule(target.name)
+        with frozen_eval(self.model):
+            inputs = read_all_positions(self.model, [e.ids for e in encoded], module,
+                                        pad_id=pad_token_id(self.tokenizer))
+        columns = []
+        for e, x in zip(encoded, inputs):
+            keep = torch.ones(x.shape[0], dtype=torch.bool)
+            keep[fact_position(e, self.config.fact_token)] = False
+            columns.append(x[keep])
+        return (torch.cat(columns).double() * mu ** 0.5).T.contiguous()
 
     @torch.no_grad()
     def compute_ks(self, units: list[list[EditRequest]], targets: Sequence[EditTarget], *,
@@ -367,12 +394,12 @@ class MEMITEditor(MassEditor):
     config_class = MEMITConfig
 
     def solve_layer(self, index: int, target: EditTarget, stats: SecondMomentStats, K: torch.Tensor,
-                    R: torch.Tensor) -> LayerSolve:
+                    R: torch.Tensor, *, preserved: torch.Tensor | None = None) -> LayerSolve:
         cfg = self.config
         dtype = dtype_of(cfg.solve_dtype)
         if cfg.mom2_dtype == "float32":
-            A, B = memit_dense(stats.second_moment(), K, R, cfg.mom2_update_weight, dtype)
+            A, B = memit_dense(stats.second_moment(), K, R, cfg.mom2_update_weight, dtype, preserved=preserved)
             return A, B, {"solve": "dense"}
-        A, B = memit_lowrank(self.cholesky(stats), K, R, cfg.mom2_update_weight, dtype)
+        A, B = memit_lowrank(self.cholesky(stats), K, R, cfg.mom2_update_weight, dtype, preserved=preserved)
         return A, B, {"solve": "low-rank"}
 

@@ -19,7 +19,8 @@ from ...requests import EditRequest
 from ...templates import BARE_TEMPLATE
 from ...tokens import Encoded, encode_with_subject, pad_batch
 
-__all__ = ["PositionedRows", "encode_templated", "fact_position", "group_weights", "read_at_positions"]
+__all__ = ["PositionedRows", "encode_templated", "fact_position", "group_weights", "read_at_positions",
+           "read_all_positions"]
 
 Where = str  # "input" or "output"
 
@@ -117,6 +118,34 @@ def read_at_positions(model: nn.Module, rows: PositionedRows, reads: Mapping[str
         for name in reads:
             results[name].append(seen[name].to("cpu"))
     return {name: torch.cat(parts) for name, parts in results.items()}
+
+
+@torch.no_grad()
+def read_all_positions(model: nn.Module, rows: Sequence[Sequence[int]], module: nn.Module, *, pad_id: int,
+                       batch_size: int = 128) -> list[torch.Tensor]:
+    """``module``'s input at every (unpadded) position of every row: one float32 ``(len(row), width)`` tensor per
+    row.  The forward pass stops once the module has run."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [tuple(r) for r in rows[start:start + batch_size]]
+        batch = pad_batch(chunk, pad_id, device)
+        shape = tuple(batch["input_ids"].shape)
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(_module: nn.Module, args: tuple, _output: object, seen=seen, shape=shape) -> None:
+            seen["x"] = as_batch_seq(args[0].detach(), shape).float()
+            raise StopForward
+
+        handle = module.register_forward_hook(hook)
+        try:
+            model(**batch, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        out += [seen["x"][i, :len(row)].to("cpu") for i, row in enumerate(chunk)]
+    return out
 
 
 def group_weights(n_units: int, rows_per_unit: int, groups: Sequence[int]) -> torch.Tensor:

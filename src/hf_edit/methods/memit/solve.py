@@ -55,23 +55,36 @@ def _solve_sym(matrix: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tens
 # --------------------------------------------------------------------------------------------------------------
 # MEMIT
 # --------------------------------------------------------------------------------------------------------------
-def memit_dense(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, dtype: torch.dtype = torch.float64
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: A_l = solve(λC + KKᵀ, K) in ``dtype``; A = A_lᵀ, B = R."""
+def _outer(O: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
+    return 0.0 if O is None or O.shape[1] == 0 else O.to(dtype) @ O.to(dtype).T
+
+
+def memit_dense(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, dtype: torch.dtype = torch.float64,
+                preserved: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: A_l = solve(λC + KKᵀ, K) in ``dtype``; A = A_lᵀ, B = R.
+
+    ``preserved`` (d_in, m), optional: further keys O to keep unchanged, added as OOᵀ next to λC (hf_edit's
+    ``prompt_preservation``; the columns carry the weight √μ)."""
     C, K = C.to(dtype), K.to(dtype)
-    A_l = torch.linalg.solve(lam * C + K @ K.T, K)
+    A_l = torch.linalg.solve(lam * C + _outer(preserved, dtype) + K @ K.T, K)
     return A_l.T, R.to(dtype)
 
 
 def memit_lowrank(chol: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float,
-                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Woodbury: A = (λI + KᵀC⁻¹K)⁻¹(C⁻¹K)ᵀ with ``chol`` the Cholesky factor of C; equal to :func:`memit_dense`."""
+                  dtype: torch.dtype = torch.float64, preserved: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Woodbury: A = (λI + KᵀC⁻¹K)⁻¹(C⁻¹K)ᵀ with ``chol`` the Cholesky factor of C; equal to :func:`memit_dense`.
+
+    With ``preserved`` O: G = [K, O] and (λC + GGᵀ)⁻¹G = C⁻¹G(λI + GᵀC⁻¹G)⁻¹, of which A takes the first n columns.
+    """
     K = K.to(dtype)
-    Y = torch.cholesky_solve(K, chol.to(dtype))  # C⁻¹K, (d_in, n)
-    gram = K.T @ Y
+    n = K.shape[1]
+    G = K if preserved is None or preserved.shape[1] == 0 else torch.cat([K, preserved.to(dtype)], dim=1)
+    Y = torch.cholesky_solve(G, chol.to(dtype))  # C⁻¹G, (d_in, n + m)
+    gram = G.T @ Y
     gram = (gram + gram.T) / 2
-    eye = torch.eye(K.shape[1], dtype=dtype, device=K.device)
-    return _solve_sym(lam * eye + gram, Y.T, "MEMIT"), R.to(dtype)
+    eye = torch.eye(G.shape[1], dtype=dtype, device=K.device)
+    return _solve_sym(lam * eye + gram, Y.T, "MEMIT")[:n], R.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,12 +104,12 @@ def _emmet_from(CinvK: torch.Tensor, K: torch.Tensor, emmet_lambda: float) -> tu
 
 
 def emmet_dense(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, mom2_update_weight: float, emmet_lambda: float,
-                update_norm_lambda: float = 0.0, dtype: torch.dtype = torch.float64
-                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                update_norm_lambda: float = 0.0, dtype: torch.dtype = torch.float64,
+                preserved: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The reference: C' = λ_C C + μI, explicit ``inverse(C')``, A = D⁻¹KᵀC'⁻¹; also returns whether D needed
-    the pseudo-inverse."""
+    the pseudo-inverse.  ``preserved`` O adds OOᵀ to C' (see :func:`memit_dense`)."""
     C, K = C.to(dtype), K.to(dtype)
-    scaled = mom2_update_weight * C
+    scaled = mom2_update_weight * C + _outer(preserved, dtype)
     if update_norm_lambda:
         scaled = scaled + update_norm_lambda * torch.eye(C.shape[0], dtype=dtype, device=C.device)
     C_inv = torch.inverse(scaled)
@@ -105,10 +118,18 @@ def emmet_dense(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, mom2_update_w
 
 
 def emmet_lowrank(chol: torch.Tensor, K: torch.Tensor, R: torch.Tensor, mom2_update_weight: float,
-                  emmet_lambda: float, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """:func:`emmet_dense` through ``chol``, the Cholesky factor of C + (μ/λ_C)·I: C'⁻¹K = chol-solve(K) / λ_C."""
+                  emmet_lambda: float, dtype: torch.dtype = torch.float64, preserved: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`emmet_dense` through ``chol``, the Cholesky factor of C + (μ/λ_C)·I: C'⁻¹K = chol-solve(K) / λ_C;
+    with ``preserved`` O, (C' + OOᵀ)⁻¹K by Woodbury over O's columns."""
     K = K.to(dtype)
     CinvK = torch.cholesky_solve(K, chol.to(dtype)) / mom2_update_weight
+    if preserved is not None and preserved.shape[1]:
+        O = preserved.to(dtype)
+        CinvO = torch.cholesky_solve(O, chol.to(dtype)) / mom2_update_weight
+        inner = O.T @ CinvO
+        inner = (inner + inner.T) / 2 + torch.eye(O.shape[1], dtype=dtype, device=O.device)
+        CinvK = CinvK - CinvO @ _solve_sym(inner, O.T @ CinvK, "EMMET")
     A, fallback = _emmet_from(CinvK, K, emmet_lambda)
     return A, R.to(dtype), fallback
 
@@ -178,7 +199,8 @@ def alphaedit_dense(P: torch.Tensor, K: torch.Tensor, R: torch.Tensor, cache: to
 
 
 def alphaedit_lowrank(space: NullSpace, K: torch.Tensor, R: torch.Tensor, previous: torch.Tensor | None, L2: float,
-                      dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                      dtype: torch.dtype = torch.float64, preserved: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`alphaedit_dense` without any d_in × d_in matrix.
 
     X = M⁻¹PK lies in range(P), so (PM₀P + αI)X = PK with M₀ = GGᵀ, G = [K, K_p]; with F = PG,
@@ -190,11 +212,13 @@ def alphaedit_lowrank(space: NullSpace, K: torch.Tensor, R: torch.Tensor, previo
         R: residuals (d_out, n).
         previous: K_p, the keys of earlier batches (d_in, n_p), or ``None``.
         L2: α > 0.
+        preserved: further keys O to keep unchanged (weighted columns), treated like K_p.
     """
     if not L2 > 0:
         raise ConfigError(f"L2 must be positive, got {L2}.")
     K = K.to(dtype)
-    G = K if previous is None or previous.shape[1] == 0 else torch.cat([K, previous.to(dtype)], dim=1)
+    parts = [K] + [x.to(dtype) for x in (previous, preserved) if x is not None and x.shape[1]]
+    G = torch.cat(parts, dim=1)
     F = space.apply(G)
     gram = F.T @ F
     gram = (gram + gram.T) / 2
