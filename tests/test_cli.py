@@ -206,19 +206,22 @@ def test_stats_commands_reject_bad_input_in_one_line(fake_hub, tmp_path):  # noq
     assert ("dataset", "user/stats") not in fake_hub.repos  # nothing was uploaded
 
 
-def test_eval_command_writes_results(base, tmp_path, counterfact_path, capsys):
+def test_eval_command_writes_results(base, tmp_path, counterfact_path, wikitext_path, capsys):
     from hf_edit.cli import main
 
     model_dir = base
     out = tmp_path / "results.json"
     status = main(["eval", "--model", str(model_dir), "--method", "ft", "--layer", "1", "--set", "num_steps=2",
                    "--data", str(counterfact_path), "--n", "2", "--protocol", "sequential", "--out", str(out),
+                   "--edit-batch-size", "2", "--capability", str(wikitext_path), "--capability-windows", "3",
                    "--no-progress"])
     assert status == 0
     printed = capsys.readouterr().out
-    assert "protocol=sequential" in printed and "ES" in printed
+    assert "protocol=sequential" in printed and "ES" in printed and "capability: perplexity" in printed
     result = json.loads(out.read_text())
     assert result["method"] == "ft" and result["protocol"] == "sequential" and result["data"]["n"] == 2
+    assert result["settings"]["edit_batch_size"] == 2 and [c["edit"]["call"] for c in result["cases"]] == [0, 0]
+    assert result["capability"]["pre"]["windows"] == 3 and result["capability"]["post"]["perplexity_ratio"] > 0
     assert [c["edit"]["ok"] for c in result["cases"]] == [True, True]
 
 
@@ -229,3 +232,9 @@ def test_eval_command_bad_input(tmp_path, counterfact_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--model", "x", "--data", str(counterfact_path), "--method", "none", "--layer", "1"]) == 2
     assert "--method none" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--data", str(counterfact_path), "--method", "ft",
+                 "--edit-batch-size", "4"]) == 2
+    assert "--protocol sequential" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--data", str(counterfact_path), "--method", "ft",
+                 "--capability", "wiki.txt"]) == 2
+    assert "--protocol batch or sequential" in capsys.readouterr().err

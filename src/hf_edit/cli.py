@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .edited_model import EditedModel
-    from .evaluation import evaluate_model, load_eval_data
+    from .evaluation import CapabilityCheck, evaluate_model, load_eval_data
     from .evaluation.runner import check_protocol_processes, main_process_first
     from .stats import init_distributed
 
@@ -209,6 +209,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CLIError("--config, --layer and --set need an editing method, not --method none")
     if args.n is not None and args.n < 1:
         raise CLIError("--n must be positive")
+    if args.edit_batch_size != 1 and args.protocol != "sequential":
+        raise CLIError("--edit-batch-size needs --protocol sequential (--protocol batch edits every case in one call)")
+    if args.capability is not None and args.protocol == "single" and args.method != "none":
+        raise CLIError("--capability needs --protocol batch or sequential (the single protocol removes each edit)")
     processes = init_distributed()  # under accelerate launch / torchrun: the cases are shared out
     if args.method != "none":
         check_protocol_processes(args.protocol, processes)
@@ -220,7 +224,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                         token=args.token, progress=not args.no_progress, base_model=args.base_model,
                                         **_model_kwargs(args))
     _to_process_device(model, processes, args.device)
+    capability = None if args.capability is None else CapabilityCheck(args.capability,
+                                                                       max_windows=args.capability_windows)
     result = evaluate_model(model, data, method=method, protocol=args.protocol, every=args.every,
+                            edit_batch_size=args.edit_batch_size, capability=capability,
                             batch_size=args.batch_size, cases_per_batch=args.cases_per_batch,
                             generation=args.generation, zsre_path=args.zsre_path,
                             progress=not args.no_progress and is_main)
@@ -716,11 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser(
         "eval", help="edit and score a model on CounterFact or zsRE with the paper's metrics",
         description="Edit each case of a CounterFact or zsRE data set and score it with the ROME paper's metrics "
-                    "under a named protocol: 'single' (the reference's: each case edited alone, then restored) or "
-                    "'sequential' (all edits accumulated, then every case scored). Prints a summary table and "
+                    "under a named protocol: 'single' (the reference's: each case edited alone, then restored), "
+                    "'batch' (the MEMIT paper's: every case edited in one call, then every case scored) or "
+                    "'sequential' (edit calls of --edit-batch-size cases accumulated, then every case scored; "
+                    "--every N for retention curves). Prints a summary table and "
                     "writes per-case results as JSON (--out). Under 'accelerate launch -m hf_edit eval ...' or "
                     "torchrun the single protocol's cases are shared out across the processes and the main process "
-                    "writes the one result (the sequential protocol needs one process).")
+                    "writes the one result (the batch and sequential protocols need one process).")
     evaluation.add_argument("--model", required=True, help="model id or path (or an hf_edit edit folder)")
     evaluation.add_argument("--base-model", help="with an edit folder as --model: load this base model instead of "
                                                  "the recorded one")
@@ -731,9 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--n", "--num-cases", dest="n", type=int,
                             help="evaluate the first N cases (--num-cases under torchrun / accelerate launch, "
                                  "whose own options --n would abbreviate)")
-    evaluation.add_argument("--protocol", choices=["single", "sequential"], default="single")
+    evaluation.add_argument("--protocol", choices=["single", "batch", "sequential"], default="single")
     evaluation.add_argument("--every", type=int, help="sequential: also score the cases edited so far every N "
-                                                      "edits")
+                                                      "edits (a multiple of --edit-batch-size)")
+    evaluation.add_argument("--edit-batch-size", type=int, default=1,
+                            help="sequential: cases per edit call (AlphaEdit's protocol: e.g. 100)")
+    evaluation.add_argument("--capability", metavar="TEXT",
+                            help="batch/sequential: text file or folder (e.g. wikitext-2-raw/wiki.test.raw) for the "
+                                 "general-capability check: perplexity ratio and next-token KL on unrelated prompts "
+                                 "after the edits (and at every --every checkpoint)")
+    evaluation.add_argument("--capability-windows", type=int, default=200,
+                            help="64-token windows of --capability scored (default 200)")
     evaluation.add_argument("--batch-size", type=int, default=64, help="prompt rows per scoring forward pass")
     evaluation.add_argument("--cases-per-batch", type=int, default=16,
                             help="single protocol: cases whose post-edit prompts are scored together (also the unit "
@@ -792,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweeping.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                           help="values of one hyperparameter, e.g. --grid layers=0,1,2 --grid v_lr=0.5,1 "
                                "(repeatable; a JSON list such as 'layers=[[0,1],[2]]' also works)")
-    sweeping.add_argument("--protocol", choices=["single", "sequential"], default="single")
+    sweeping.add_argument("--protocol", choices=["single", "batch", "sequential"], default="single")
     sweeping.add_argument("--rank-by", help="metric to rank by (default S, or 'score' on zsRE)")
     sweeping.add_argument("--failed", choices=["exclude", "unedited"], default="exclude",
                           help="failed edits: left out of the scores (the runner's rule) or scored as the unedited "

@@ -14,6 +14,8 @@ __all__ = [
     "SubjectNotFoundError",
     "ConfigError",
     "UnknownMethodError",
+    "EditorNetworkError",
+    "EditorMismatchError",
     "LayerOutOfRangeError",
     "UnsupportedArchitectureError",
     "TokenizerError",
@@ -45,6 +47,16 @@ class SubjectNotFoundError(InvalidRequestError):
 
 class ConfigError(HfEditError, ValueError):
     """A method configuration is invalid."""
+
+
+class EditorNetworkError(ConfigError):
+    """A folder or Hub repo does not hold a valid editor network (MEND, KE), or one of another kind: load the folder
+    that ``train_editor``/``save_pretrained`` wrote, with the class of its kind."""
+
+
+class EditorMismatchError(ConfigError):
+    """An editor network was trained for another base model (its weight fingerprint differs) or other modules:
+    train one for this model (``hf-edit train-editor``), or load the base model it was trained for."""
 
 
 class UnknownMethodError(ConfigError):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..architecture import unwrap_model
-from ..errors import ConfigError
+from ..errors import ConfigError, EditorMismatchError, EditorNetworkError
 from ..version import __version__
 from .matrices import EditedMatrix, GradientFactors, find_edited_matrices
 
@@ -45,14 +45,6 @@ EDITOR_CONFIG_NAME = "editor_config.json"
 EDITOR_WEIGHTS_NAME = "editor.safetensors"
 EDITOR_FORMAT = "hf_edit.editor-network.v1"
 _NORM_EPS = 1e-7  # the reference's σ + 1e-7
-
-
-class EditorNetworkError(ConfigError):
-    """A folder or Hub repo does not hold a valid editor network, or it is of the wrong kind."""
-
-
-class EditorMismatchError(ConfigError):
-    """An editor network was trained for another base model (its weight fingerprint differs) or other modules."""
 
 
 # -- the base model's identity -------------------------------------------------------------------------------------

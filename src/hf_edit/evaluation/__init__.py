@@ -8,12 +8,14 @@
 * Generation: :func:`generate_texts`, :func:`generation_entropy` (GE), :class:`TfidfModel` and
   :func:`reference_score` (RS).
 * EasyEdit's token accuracy, under its own name: :func:`easyedit_token_accuracy`.
-* The runner: :func:`evaluate_model` (protocols ``"single"`` and ``"sequential"``) → :class:`EvaluationResult`.
+* The runner: :func:`evaluate_model` (protocols ``"single"``, ``"batch"`` and ``"sequential"``;
+  the general-capability check :class:`CapabilityCheck`) → :class:`EvaluationResult`.
 * Hyperparameter sweeps: :func:`config_grid` and :func:`sweep` (a ranked table of settings) → :class:`SweepResult`.
 
 The same numbers are available as ``evaluate`` modules: ``evaluate.load(hf_edit.metrics.path("counterfact"))``.
 """
 
+from .capability import CapabilityCheck
 from .counterfact import (
     counterfact_case_metrics,
     counterfact_nll,
@@ -46,6 +48,7 @@ from .token_accuracy import easyedit_locality, easyedit_token_accuracy
 from .zsre import summarize_zsre, zsre_case_metrics, zsre_correct
 
 __all__ = [
+    "CapabilityCheck",
     "load_eval_data", "load_counterfact", "load_zsre", "case_from_record", "EvalData", "CounterFactCase", "ZsRECase",
     "counterfact_nll", "counterfact_nlls", "counterfact_case_metrics", "counterfact_scores", "metric_inputs",
     "summarize", "zsre_correct", "zsre_case_metrics", "summarize_zsre", "generate_texts", "generation_entropy",

@@ -59,6 +59,7 @@ from ..stats.distributed import ProcessGroup, attempt
 from ..version import __version__
 from . import counterfact as cf
 from . import zsre
+from .capability import CapabilityCheck, CapabilityProbe
 from .data import CounterFactCase, EvalData, EvalSource, load_eval_data, warn_if_fewer
 from .generation import AttributeSnippets, TfidfModel, generate_texts, generation_entropy, reference_score
 
@@ -69,8 +70,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROTOCOLS = ("single", "sequential")
-Protocol = Literal["single", "sequential"]
+PROTOCOLS = ("single", "batch", "sequential")
+Protocol = Literal["single", "batch", "sequential"]
 RESULT_FORMAT = "hf_edit.evaluation.v1"
 #: Order of the summary table's rows (others follow).
 _DISPLAY_ORDER = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE", "RS", "rewrite_acc", "paraphrase_acc",
@@ -116,7 +117,7 @@ class EvaluationResult:
     """Everything a run produced: settings, provenance, per-case records and summaries.
 
     Attributes:
-        protocol: ``"single"`` or ``"sequential"``.
+        protocol: ``"single"``, ``"batch"`` or ``"sequential"``.
         method: the registry name of the method (e.g. ``"rome"``), or ``"none"``.
         method_config: the resolved hyperparameters of the edits (``None`` for ``"none"``).
         model: name, revision and weight fingerprint of the evaluated model.
@@ -124,13 +125,16 @@ class EvaluationResult:
         summary: ``{"pre": {metric: {mean, std, stderr, n}}, "post": {...}}``, ×100.
         cases: one record per case: the request, the edit's outcome (``ok``; if not: ``status`` ``"failed"`` or
             ``"refused"``, ``error_type``, ``message``), pre and post scores.
-        checkpoints: sequential protocol with ``every``: summaries after every N edits.
+        checkpoints: sequential protocol with ``every``: summaries after every N edits (with the capability
+            check's figures when one was asked for).
         counts: how many cases are behind each phase: ``cases`` (evaluated), ``pre`` and ``post`` (scored in that
             phase; post leaves out the cases whose edit failed), ``failed`` and ``refused`` (edits).
         timing: seconds spent editing, scoring and generating; cases per second; ``processes`` that shared the
             work.
         settings: batch sizes, zsRE path, generation settings.
         environment: versions of hf_edit, torch, transformers, peft; device.
+        capability: with a :class:`~hf_edit.evaluation.CapabilityCheck`: ``{"pre": {perplexity, ...}, "post":
+            {perplexity, perplexity_ratio, kl}}`` (batch and sequential protocols), else ``None``.
     """
 
     protocol: str
@@ -145,6 +149,7 @@ class EvaluationResult:
     timing: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    capability: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": RESULT_FORMAT, **asdict(self)}
@@ -177,7 +182,7 @@ class EvaluationResult:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         title = (f"{self.data.get('format')} · {self.method} · protocol={self.protocol} · "
                  f"n={self.data.get('n')} · {self.timing.get('cases_per_second', float('nan')):.3f} cases/s")
-        return "\n".join([title, *lines, *_failure_lines(self.cases)])
+        return "\n".join([title, *lines, *_capability_lines(self.capability), *_failure_lines(self.cases)])
 
     def __str__(self) -> str:
         return self.table()
@@ -219,6 +224,16 @@ def _failure_lines(cases: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _capability_lines(capability: Mapping[str, Any] | None) -> list[str]:
+    """The general-capability check in one line: perplexity before and after, its ratio, the KL."""
+    if not capability or not capability.get("post"):
+        return []
+    pre, post = capability["pre"], capability["post"]
+    return [f"capability: perplexity {pre['perplexity']:.3f} -> {post['perplexity']:.3f} "
+            f"(x{post['perplexity_ratio']:.3f}, {pre.get('windows')} windows); next-token KL on "
+            f"{pre.get('kl_prompts')} unrelated prompts {post.get('kl', float('nan')):.4f}"]
+
+
 def _cell(value: Mapping[str, float] | None) -> str:
     if not value:
         return "-"
@@ -242,9 +257,10 @@ def _json_safe(value: Any) -> Any:
 def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: EvalData | EvalSource, *,
                    method: MethodSpec | Literal["none"] = "rome", protocol: Protocol = "single",
                    tokenizer: PreTrainedTokenizerBase | None = None, n: int | None = None,
-                   every: int | None = None, batch_size: int = 64, cases_per_batch: int = 16,
-                   generation: GenerationSettings | bool = False, zsre_path: str = "auto",
-                   stats: Any = None, progress: bool = True) -> EvaluationResult:
+                   every: int | None = None, edit_batch_size: int = 1, batch_size: int = 64,
+                   cases_per_batch: int = 16, generation: GenerationSettings | bool = False,
+                   zsre_path: str = "auto", capability: CapabilityCheck | None = None, stats: Any = None,
+                   progress: bool = True) -> EvaluationResult:
     """Edit and score ``data`` with ``method`` under ``protocol``; the model is left as it was given.
 
     Under an initialised ``torch.distributed`` group of several processes (``accelerate launch``, ``torchrun``) the
@@ -259,26 +275,44 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
             :func:`~hf_edit.evaluation.case_from_record`).
         method: a registered method name (``hf_edit.methods.available_methods()``), a config object, or
             ``"none"`` (score the model as it is).
-        protocol: ``"single"`` (the reference's) or ``"sequential"``.
+        protocol: ``"single"`` (the reference's: each case edited alone, scored, the edit removed), ``"batch"``
+            (the MEMIT paper's: every case edited in ONE call, then every case scored) or ``"sequential"``
+            (AlphaEdit's lifelong protocol: calls of ``edit_batch_size`` cases one after another, each on the model
+            edited so far, every case scored at the end).
         n: evaluate the first ``n`` cases (a warning says so when there are fewer).
-        every: sequential protocol: also score the cases edited so far after every ``every`` edits.
+        every: sequential protocol: also score the cases edited so far after every ``every`` edits (a multiple of
+            ``edit_batch_size``), for retention curves.
+        edit_batch_size: sequential protocol: cases per edit call (1: one case at a time).  Named so because
+            ``batch_size`` is the scoring batch.
         batch_size: rows per scoring forward pass.
         cases_per_batch: single protocol: cases whose post-edit prompts are scored together.
         generation: ``True`` or :class:`GenerationSettings` to run the generation tests (GE, RS) on CounterFact
             records that have generation prompts.
         zsre_path: zsRE inputs built by ``"string"`` concatenation (the reference), ``"ids"`` or ``"auto"``.
         stats: second-moment statistics for the methods that need them (see :class:`~hf_edit.EditedModel`).
+        capability: a :class:`~hf_edit.evaluation.CapabilityCheck` (batch and sequential protocols): perplexity
+            and next-token KL on unrelated text before and after the edits (and at every checkpoint).
         progress: show progress bars (on the main process only, when the cases are shared out).
 
     Raises:
-        ConfigError: an unknown protocol, ``every`` without the sequential protocol, or the sequential protocol
-            under several processes.
+        ConfigError: an unknown protocol, ``every`` or ``edit_batch_size`` without the sequential protocol (or not
+            positive), ``capability`` with the single protocol, or the batch/sequential protocol under several
+            processes.
         HfEditError: another process failed while evaluating its share (every process raises).
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
     if every is not None and (protocol != "sequential" or every < 1):
         raise ConfigError("every= needs protocol='sequential' and a positive number of edits.")
+    if edit_batch_size < 1 or (edit_batch_size > 1 and protocol != "sequential"):
+        raise ConfigError(f"edit_batch_size={edit_batch_size}: it must be positive, and above 1 only with "
+                          "protocol='sequential' (protocol='batch' edits every case in one call).")
+    if every is not None and every % edit_batch_size:
+        raise ConfigError(f"every={every} must be a multiple of edit_batch_size={edit_batch_size} (checkpoints fall "
+                          "between edit calls).")
+    if capability is not None and protocol == "single" and method != "none":
+        raise ConfigError("The capability check measures the model holding many edits: use protocol='batch' or "
+                          "'sequential' (the single protocol removes each edit before the next).")
     if batch_size < 1 or cases_per_batch < 1:
         raise ConfigError("batch_size and cases_per_batch must be positive.")
     group = _process_group()
@@ -299,6 +333,8 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
     if settings is not None and data.data_format != "counterfact":
         raise ConfigError("The generation tests need CounterFact records in the ROME format (generation prompts).")
     run = _Run(edited, data, settings, batch_size=batch_size, zsre_path=zsre_path, progress=show)
+    if capability is not None:
+        run.capability = CapabilityProbe(capability, edited.model, edited.tokenizer)
     method_name = "none" if method == "none" else resolve_config(
         method, getattr(edited.base_model, "name_or_path", None)).name
     started = time.perf_counter()
@@ -311,9 +347,12 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
     elif protocol == "single":
         run.score_pre()
         run.single(method, cases_per_batch)
+    elif protocol == "batch":
+        run.score_pre()
+        run.sequential(method, None, edit_batch_size=max(1, len(data)), what="batch")
     else:
         run.score_pre()
-        run.sequential(method, every)
+        run.sequential(method, every, edit_batch_size=edit_batch_size)
     elapsed = time.perf_counter() - started
     run.timing["total_seconds"] = elapsed
     run.timing["cases_per_second"] = len(data) / elapsed if elapsed > 0 else math.nan
@@ -323,11 +362,14 @@ def evaluate_model(model: EditedModel | nn.Module | str | os.PathLike, data: Eva
         data=data.describe(), summary=run.summaries(), cases=run.records, checkpoints=run.checkpoints,
         counts=_counts(run.records), timing=dict(run.timing),
         settings={"batch_size": batch_size, "cases_per_batch": cases_per_batch if protocol == "single" else None,
-                  "every": every, "zsre_path": run.zsre_path_used,
+                  "every": every, "edit_batch_size": edit_batch_size if protocol == "sequential" else (
+                      len(data) if protocol == "batch" else 1),
+                  "zsre_path": run.zsre_path_used,
+                  "capability": capability.describe() if capability is not None else None,
                   "generation": settings.describe() | {"max_length_used": run.generation_length}
                   if settings else None,
                   "pre_existing_edits": run.base_edits},
-        environment=_environment(edited))
+        environment=_environment(edited), capability=run.capability_result())
 
 
 # -- several processes ----------------------------------------------------------------------------------------------
@@ -347,13 +389,13 @@ def check_protocol_processes(protocol: str, processes: int) -> None:
     """Refuse a protocol that cannot be shared out across ``processes`` processes.
 
     Raises:
-        ConfigError: the sequential protocol with more than one process.
+        ConfigError: the batch or sequential protocol with more than one process.
     """
-    if protocol == "sequential" and processes > 1:
+    if protocol in ("sequential", "batch") and processes > 1:
         raise ConfigError(
-            f"The sequential protocol cannot be shared out across {processes} processes: every edit is computed on "
-            "the model holding all the edits before it, so the cases form one chain. Run it in one process "
-            "(without accelerate launch / torchrun), or use protocol='single', which is shared out.")
+            f"The {protocol} protocol cannot be shared out across {processes} processes: its edits are computed on "
+            "the model holding all the edits before them (or all together), so the cases form one chain. Run it in "
+            "one process (without accelerate launch / torchrun), or use protocol='single', which is shared out.")
 
 
 def main_process_first(action: Callable[[], T], doing: str) -> T:
@@ -424,6 +466,22 @@ class _Run:
             {"case_id": case.case_id, "request": case.request.to_dict()} for case in data.cases]
         self.checkpoints: list[dict[str, Any]] = []
         self.timing: dict[str, float] = {"edit_seconds": 0.0, "score_seconds": 0.0, "generation_seconds": 0.0}
+        self.capability: CapabilityProbe | None = None
+        self.capability_post: dict[str, float] | None = None
+
+    def capability_result(self) -> dict[str, Any] | None:
+        if self.capability is None or self.capability.baseline is None:
+            return None
+        return {"pre": dict(self.capability.baseline), "post": self.capability_post}
+
+    def measure_capability(self) -> dict[str, float] | None:
+        if self.capability is None:
+            return None
+        started = time.perf_counter()
+        result = self.capability.measure(self.edited.model)
+        self.timing["capability_seconds"] = self.timing.get("capability_seconds", 0.0) + (
+            time.perf_counter() - started)
+        return result
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def score(self, indices: Sequence[int], phase: str, *, row_edits: Mapping[int, list[Edit]] | None = None,
@@ -491,6 +549,7 @@ class _Run:
     def score_pre(self) -> None:
         for chunk in self._chunks(list(range(len(self.data))), "scoring (pre)"):
             self._score_pre_chunk(chunk)
+        self.measure_capability()
 
     def _score_pre_chunk(self, chunk: list[int]) -> None:
         self.score(chunk, "pre")
@@ -502,25 +561,39 @@ class _Run:
 
     # -- protocols ----------------------------------------------------------------------------------------------
     def _edit(self, index: int, method: Any) -> list[Edit] | None:
-        case = self.data.cases[index]
+        edits, done = self._edit_group([index], method)
+        return edits if done else None
+
+    def _edit_group(self, indices: Sequence[int], method: Any, call: int | None = None) -> tuple[list[Edit], list[int]]:
+        """Edit the cases at ``indices`` in one call (a request that fails is skipped and recorded in its case);
+        returns the edits made and the cases applied."""
+        requests = [self.data.cases[i].request for i in indices]
         started = time.perf_counter()
-        try:
-            edits = self.edited.edit(case.request, method=method, check=False)  # the metrics say it
+        try:  # check=False: the metrics say whether each edit took
+            result = self.edited.edit(requests[0] if len(indices) == 1 else requests, method=method, check=False,
+                                      on_error="raise" if len(indices) == 1 else "skip")
+            failures = {indices[s.index]: s.error for s in result.skipped}
         except HfEditError as err:
-            status = "refused" if isinstance(err, _REFUSED) else "failed"
-            logger.warning("Edit of case %s %s: %s", case.case_id, status, err)
-            self.records[index]["edit"] = {"ok": False, "status": status, "error_type": type(err).__name__,
-                                           "message": str(err), "error": f"{type(err).__name__}: {err}",
-                                           "seconds": time.perf_counter() - started}
-            return None
+            result, failures = [], {i: err for i in indices}
         seconds = time.perf_counter() - started
         self.timing["edit_seconds"] += seconds
-        if self.method_config is None:
+        shared = {} if call is None else {"call": call, "call_size": len(indices)}
+        for i, err in failures.items():
+            status = "refused" if isinstance(err, _REFUSED) else "failed"
+            logger.warning("Edit of case %s %s: %s", self.data.cases[i].case_id, status, err)
+            self.records[i]["edit"] = {"ok": False, "status": status, "error_type": type(err).__name__,
+                                       "message": str(err), "error": f"{type(err).__name__}: {err}",
+                                       "seconds": seconds, **shared}
+        edits = list(result)
+        done = [i for i in indices if i not in failures]
+        if edits and self.method_config is None:
             self.method_config = edits[0].config
-            self.first_edit = index
-        self.records[index]["edit"] = {"ok": True, "seconds": seconds, "modules": [e.module for e in edits],
-                                       "info": _edit_summary(edits)}
-        return edits
+            self.first_edit = done[0] if done else None
+        for i in done:
+            mine = [e for e in edits if self.data.cases[i].request in e.requests] or edits
+            self.records[i]["edit"] = {"ok": True, "seconds": seconds, **shared, "modules": [e.module for e in mine],
+                                       "info": _edit_summary(mine)}
+        return edits, done
 
     def _remove(self, edits: list[Edit]) -> None:
         """Remove ``edits`` (removing one edit removes its whole batch)."""
@@ -613,31 +686,45 @@ class _Run:
             first = min(firsts, key=lambda share: share["first_edit"])
             self.first_edit, self.method_config = first["first_edit"], first["method_config"]
 
-    def sequential(self, method: Any, every: int | None) -> None:
+    def sequential(self, method: Any, every: int | None, *, edit_batch_size: int = 1,
+                   what: str = "sequential") -> None:
+        """Calls of ``edit_batch_size`` cases one after another, each on the model edited so far (the batch
+        protocol: one call of every case); then every case scored, the capability measured, and the edits
+        removed."""
         made: list[Edit] = []
         done: list[int] = []
+        n = len(self.data)
+        bar = tqdm(total=n, desc=f"editing ({what})", disable=not self.progress)
         try:
-            for i in tqdm(range(len(self.data)), desc="editing (sequential)", disable=not self.progress):
-                edits = self._edit(i, method)
-                if edits is not None:
-                    made += edits
-                    done.append(i)
-                if every and (i + 1) % every == 0 and i + 1 < len(self.data):
-                    self._checkpoint(i + 1, done)
+            for call, start in enumerate(range(0, n, edit_batch_size)):
+                group = list(range(start, min(start + edit_batch_size, n)))
+                edits, applied = self._edit_group(group, method, call=None if edit_batch_size == 1 else call)
+                made += edits
+                done += applied
+                bar.update(len(group))
+                if every and (start + len(group)) % every == 0 and start + len(group) < n:
+                    self._checkpoint(start + len(group), done)
+            bar.close()
             for chunk in self._chunks(done, "scoring (post)"):
                 self.score(chunk, "post")
                 self.generate(chunk, "post")
+            self.capability_post = self.measure_capability()
             if every:
-                self._checkpoint(len(self.data), done)
+                self._checkpoint(n, done, capability=self.capability_post)
         finally:
+            bar.close()
             self._remove(made)
 
-    def _checkpoint(self, edits_made: int, done: list[int]) -> None:
+    def _checkpoint(self, edits_made: int, done: list[int], capability: dict[str, float] | None = None) -> None:
         scores = []
         for chunk in self._chunks(list(done), f"scoring after {edits_made} edits"):
             scores += self.score(chunk, "", into_records=False)
-        self.checkpoints.append({"edits": edits_made, "successful_edits": len(done),
-                                 "summary": self._summarize([s["metrics"] for s in scores])})
+        point = {"edits": edits_made, "successful_edits": len(done),
+                 "summary": self._summarize([s["metrics"] for s in scores])}
+        capability = capability if capability is not None else self.measure_capability()
+        if capability is not None:
+            point["capability"] = capability
+        self.checkpoints.append(point)
 
     def _summarize(self, metrics: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         if not metrics:
