@@ -384,6 +384,39 @@ class EditedModel:
             logger.warning("Skipped %s", item)
         return EditResult(self._edits[before:], skipped)
 
+    def preview_edits(self, requests: RequestLike | Iterable[RequestLike], method: MethodSpec | None = None
+                      ) -> list[list[Edit] | HfEditError]:
+        """The edits each request would get **alone** on the model as it is now, without applying any.
+
+        What ``edit(request)`` followed by ``remove_edit`` would give for each request in turn, computed together
+        where the method can (ROME optimises the v* of all requests in one batch, with the same result per request).
+        The evaluation's single protocol scores these edits case by case.
+
+        Returns:
+            Per request, its :class:`Edit` objects (not part of :attr:`edits`), or the error that refused it.
+        """
+        self._require_live()
+        requests = as_requests(requests)
+        editor = self._editor(method if method is not None else self._default_method, None, requests)
+        name, config = editor.config.name, editor.config.to_dict()
+        state = dict(self._state.get(name, {}))
+        try:
+            results = editor.compute_each(requests)
+        finally:  # a preview leaves the method's state as it was
+            self._state[name].clear()
+            self._state[name].update(state)
+        out: list[list[Edit] | HfEditError] = []
+        for index, (request, result) in enumerate(zip(requests, results, strict=True)):
+            if isinstance(result, HfEditError):
+                _name_request(result, index, request)
+                out.append(result)
+                continue
+            out.append([Edit(requests=update.requests or (request,), method=name, module=update.module,
+                             layer=update.layer, factors=update.factors, config=config, info=dict(update.info),
+                             group=-1, batch=-1, stackable=update.stackable, tensors=update.tensors)
+                        for update in result])
+        return out
+
     def _progress_bar(self, total: int, description: str) -> Any:
         if not self._progress or total < 2:
             return _NoBar()

@@ -579,21 +579,26 @@ class _Run:
         self.timing["edit_seconds"] += seconds
         shared = {} if call is None else {"call": call, "call_size": len(indices)}
         for i, err in failures.items():
-            status = "refused" if isinstance(err, _REFUSED) else "failed"
-            logger.warning("Edit of case %s %s: %s", self.data.cases[i].case_id, status, err)
-            self.records[i]["edit"] = {"ok": False, "status": status, "error_type": type(err).__name__,
-                                       "message": str(err), "error": f"{type(err).__name__}: {err}",
-                                       "seconds": seconds, **shared}
+            self._record_failure(i, err, seconds, **shared)
         edits = list(result)
         done = [i for i in indices if i not in failures]
-        if edits and self.method_config is None:
-            self.method_config = edits[0].config
-            self.first_edit = done[0] if done else None
         for i in done:
             mine = [e for e in edits if self.data.cases[i].request in e.requests] or edits
-            self.records[i]["edit"] = {"ok": True, "seconds": seconds, **shared, "modules": [e.module for e in mine],
-                                       "info": _edit_summary(mine)}
+            self._record_success(i, mine, seconds, **shared)
         return edits, done
+
+    def _record_failure(self, index: int, err: HfEditError, seconds: float, **extra: Any) -> None:
+        status = "refused" if isinstance(err, _REFUSED) else "failed"
+        logger.warning("Edit of case %s %s: %s", self.data.cases[index].case_id, status, err)
+        self.records[index]["edit"] = {"ok": False, "status": status, "error_type": type(err).__name__,
+                                       "message": str(err), "error": f"{type(err).__name__}: {err}",
+                                       "seconds": seconds, **extra}
+
+    def _record_success(self, index: int, edits: list[Edit], seconds: float, **extra: Any) -> None:
+        if edits and (self.first_edit is None or index < self.first_edit):
+            self.method_config, self.first_edit = edits[0].config, index
+        self.records[index]["edit"] = {"ok": True, "seconds": seconds, **extra, "modules": [e.module for e in edits],
+                                       "info": _edit_summary(edits)}
 
     def _remove(self, edits: list[Edit]) -> None:
         """Remove ``edits`` (removing one edit removes its whole batch)."""
@@ -610,8 +615,26 @@ class _Run:
         bar.close()
 
     def _single_chunk(self, chunk: list[int], method: Any, bar: Any) -> None:
-        """Edit each case of ``chunk`` alone (generation tests with its edit), then score them all together."""
+        """Edit each case of ``chunk`` alone (generation tests with its edit), then score them all together.
+
+        Without generation tests the chunk's edits are computed together (:meth:`EditedModel.preview_edits`: ROME
+        batches the v* optimisations of independent cases), never applied to the model, and scored per row."""
         applied: dict[int, list[Edit]] = {}
+        if self.generation is None:
+            started = time.perf_counter()
+            previews = self.edited.preview_edits([self.data.cases[i].request for i in chunk], method=method)
+            seconds = (time.perf_counter() - started) / len(chunk)
+            self.timing["edit_seconds"] += seconds * len(chunk)
+            for i, preview in zip(chunk, previews):
+                if isinstance(preview, HfEditError):
+                    self._record_failure(i, preview, seconds)
+                else:
+                    self._record_success(i, preview, seconds)
+                    applied[i] = preview
+                bar.update()
+            if applied:
+                self.score(list(applied), "post", row_edits=applied)
+            return
         for i in chunk:
             edits = self._edit(i, method)
             if edits is not None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..adapters import LoraFactors
 from ..architecture import EditTarget, num_layers, resolve_target, unwrap_model
-from ..errors import ConfigError, StatisticsMismatchError
+from ..errors import ConfigError, HfEditError, StatisticsMismatchError
 from ..requests import EditRequest
 from ..tokens import target_ids
 
@@ -483,6 +483,25 @@ class Editor(ABC):
         For a non-joint editor ``requests`` holds one request.  Raise an :mod:`hf_edit.errors` exception (e.g.
         :class:`~hf_edit.errors.OptimizationError`) when the update cannot be computed: nothing is applied then.
         """
+
+    def compute_each(self, requests: Sequence[EditRequest]) -> list[list[Update] | HfEditError]:
+        """The updates each request would get **alone** on the model as it is now (nothing is modified): one list
+        per request, or the error that request raised.
+
+        The evaluation's single protocol uses it.  The default calls :meth:`compute` once per request; an editor
+        may compute independent requests together (ROME optimises their v* in one batch), with the same result
+        per request.
+        """
+        results: list[list[Update] | HfEditError] = []
+        for request in requests:
+            try:
+                self.validate(request)
+                results.append(self.compute([request]))
+            except ConfigError:
+                raise
+            except HfEditError as err:
+                results.append(err)
+        return results
 
 
 def config_fields(config_class: type[EditConfig]) -> list[dataclasses.Field]:

@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from ...architecture import EditTarget, base_layer, find_layout, unwrap_model
-from ...errors import DisablingEditError, OptimizationError, UnsupportedArchitectureError
+from ...errors import ConfigError, DisablingEditError, HfEditError, OptimizationError, UnsupportedArchitectureError
 from ...hooks import add_at_positions, add_low_rank, capture, frozen_eval, only_positions, replay_outputs
 from ...requests import EditRequest
 from ...stats import SecondMomentStats
 from ...templates import BARE_TEMPLATE, normalise_templates, sample_context_templates
 from ...tokens import Encoded, encode_with_subject, pad_batch, pad_token_id, target_ids
 from ..base import EditContext, Editor, Update
+from ..memit.values import ValueProblem, ValueSettings, optimise_values
 from .config import ROMEConfig
 
 __all__ = ["RankOneUpdate", "ROMEEditor"]
@@ -200,11 +201,87 @@ class ROMEEditor(Editor):
         with frozen_eval(self.model):
             clock = time.perf_counter()
             keys, outputs = self._keys_and_outputs(module, contexts)
-            k_mean = keys.mean(0)
             timings["key"] = time.perf_counter() - clock
             clock = time.perf_counter()
             v_star, v_init, opt_info = self._optimise_value(module, target, request, contexts, targets)
             timings["v_star"] = time.perf_counter() - clock
+        return self._rank_one(request, target, module, keys, outputs, v_star, v_init, opt_info, targets, timings)
+
+    def compute_each(self, requests: Sequence[EditRequest]) -> list[list[Update] | HfEditError]:
+        """Each request's update alone on the model as it is now, the v* of all requests optimised together (one
+        batched forward and backward pass per step, each request its own δ, clamp and early stop: the same δ as
+        one at a time, up to float rounding).  Configs editing several layers (each layer's v* depends on the
+        update of the one before) fall back to one request at a time, as does a batch whose optimisation fails
+        (so that the failure is pinned on its request)."""
+        targets = self.targets()
+        if len(requests) < 2 or len(targets) != 1:
+            return super().compute_each(requests)
+        target = targets[0]
+        module = unwrap_model(self.model).get_submodule(target.name)
+        results: list[list[Update] | HfEditError | None] = [None] * len(requests)
+        clock = time.perf_counter()
+        templates = self.templates
+        template_seconds = time.perf_counter() - clock
+        problems, jobs = [], []
+        for index, request in enumerate(requests):
+            try:
+                self.validate(request)
+                ids = target_ids(self.tokenizer, request.target_new)
+                contexts = [self._encode(template, request) for template in templates]
+                kl = encode_with_subject(self.tokenizer, "", request.subject, " is a")
+            except ConfigError:
+                raise
+            except HfEditError as err:
+                results[index] = err
+                continue
+            positions = self._positions(contexts + [kl]).tolist()
+            problems.append(ValueProblem(rows=tuple(tuple(c.ids + ids[:-1]) for c in contexts),
+                                         positions=tuple(positions[:-1]), targets=(tuple(ids),) * len(contexts),
+                                         kl_rows=(tuple(kl.ids),), kl_positions=(positions[-1],),
+                                         label=request.subject))
+            jobs.append((index, request, ids, contexts))
+        if not jobs:
+            return results  # type: ignore[return-value]
+        cfg = self.config
+        settings = ValueSettings(num_steps=cfg.v_num_grad_steps, lr=cfg.v_lr, clamp_norm_factor=cfg.clamp_norm_factor,
+                                 kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
+                                 early_stop_loss=cfg.early_stop_loss)
+        with frozen_eval(self.model):
+            clock = time.perf_counter()
+            keys, outputs = self._keys_and_outputs(module, [c for job in jobs for c in job[3]])
+            key_seconds = (time.perf_counter() - clock) / len(jobs)
+            clock = time.perf_counter()
+            try:
+                values = optimise_values(self.model, module, problems, settings,
+                                         pad_id=pad_token_id(self.tokenizer), frozen=self._layers_below(target))
+            except OptimizationError:
+                values = None
+            v_seconds = (time.perf_counter() - clock) / len(jobs)
+        if values is None:
+            for (index, _, _, _), result in zip(jobs, super().compute_each([job[1] for job in jobs])):
+                results[index] = result
+            return results  # type: ignore[return-value]
+        n_templates = len(templates)
+        for j, ((index, request, ids, _), value) in enumerate(zip(jobs, values)):
+            rows = slice(j * n_templates, (j + 1) * n_templates)
+            info = {"v_steps": value.info["steps"], "clamped": value.info["clamped"], "loss": value.info["loss"],
+                    "nll": value.info["nll"], "kl": value.info["kl"], "weight_decay": value.info["weight_decay"],
+                    "target_probability": value.info["target_probability"], "v_batch": len(jobs)}
+            timings = {"templates": template_seconds, "key": key_seconds, "v_star": v_seconds}
+            try:
+                update = self._rank_one(request, target, module, keys[rows], outputs[rows], value.value,
+                                        value.init, info, ids, timings)
+                results[index] = [update.as_update(request)]
+            except HfEditError as err:
+                results[index] = err
+        return results  # type: ignore[return-value]
+
+    def _rank_one(self, request: EditRequest, target: EditTarget, module: nn.Module, keys: torch.Tensor,
+                  outputs: torch.Tensor, v_star: torch.Tensor, v_init: torch.Tensor, opt_info: dict[str, Any],
+                  targets: list[int], timings: dict[str, float]) -> RankOneUpdate:
+        """The rank-one update from the keys and module outputs of the templated prompts and the optimised v*."""
+        templates = self.templates
+        k_mean = keys.mean(0)
         clock = time.perf_counter()
         u = self._left_vector(target, k_mean)
         if self.config.key_mode == "original":
