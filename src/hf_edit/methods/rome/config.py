@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 from ...errors import ConfigError
 from ..base import EditConfig
 
 __all__ = ["ROMEConfig", "ROME_PRESETS", "GUARD_MAX_RELATIVE_NORM", "GUARD_MIN_KEY_ALIGNMENT",
-           "GUARD_MAX_KL", "GUARD_PROMPTS"]
+           "GUARD_MAX_KL", "GUARD_PROMPTS", "DEFAULT_MOM2_N_SAMPLES", "FAST_TEMPLATE_LENGTH_PARAMS"]
 
 FactToken = Literal["subject_first", "subject_last", "subject_first_after_last", "last"]
 KeyMode = Literal["original", "consistent"]
@@ -28,14 +28,23 @@ GUARD_MAX_KL = 0.5
 GUARD_PROMPTS = ("The weather today is", "My favourite food is", "He opened the door and", "The number after nine is")
 
 
+#: The fast mode's context templates (:meth:`ROMEConfig.fast`): 3 templates of 5 tokens.
+FAST_TEMPLATE_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 3),)
+
+
 #: Shipped hyperparameters of the reference (kmeng01/rome ``hparams/ROME``; NeoX-20B from kmeng01/memit).
 ROME_PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-medium": dict(layers=(8,), clamp_norm_factor=3.0, v_loss_layer=23),
-    "gpt2-large": dict(layers=(12,), clamp_norm_factor=4.0, v_loss_layer=35),
-    "gpt2-xl": dict(layers=(17,), clamp_norm_factor=4.0, v_loss_layer=47),
-    "EleutherAI/gpt-j-6B": dict(layers=(5,), clamp_norm_factor=4.0, v_loss_layer=27),
-    "EleutherAI/gpt-neox-20b": dict(layers=(15,), clamp_norm_factor=4.0, v_loss_layer=43),
+    "gpt2-medium": dict(layers=(8,), clamp_norm_factor=3.0, v_loss_layer=23, mom2_n_samples=100_000),
+    "gpt2-large": dict(layers=(12,), clamp_norm_factor=4.0, v_loss_layer=35, mom2_n_samples=100_000),
+    "gpt2-xl": dict(layers=(17,), clamp_norm_factor=4.0, v_loss_layer=47, mom2_n_samples=100_000),
+    "EleutherAI/gpt-j-6B": dict(layers=(5,), clamp_norm_factor=4.0, v_loss_layer=27, mom2_n_samples=100_000),
+    "EleutherAI/gpt-neox-20b": dict(layers=(15,), clamp_norm_factor=4.0, v_loss_layer=43, mom2_n_samples=100_000),
 }
+
+#: Texts sampled for C when no preset says otherwise: 1 % of the reference's 100,000 articles.  On the fact model
+#: (``benchmarks/results/stats_quality.md``) 300–1,000 texts already give ES/PS/NS within ~1 point of all the text
+#: and C⁻¹k within cos 0.98 of it; prior work reports that under 0.3 % of the reference's sample suffices.
+DEFAULT_MOM2_N_SAMPLES = 1_000
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,8 @@ class ROMEConfig(EditConfig):
         mom2_adjustment: use u = C⁻¹k̄ (True, all shipped configs) or u = k̄.
         mom2_dataset: texts for C: a Hub dataset id (``"id"`` or ``"id:config"``; ``"wikipedia"`` means English
             Wikipedia), a local text file or folder, or a ``datasets.Dataset`` with a ``text`` column.
-        mom2_n_samples: number of **texts** sampled for C (reference: 100,000 articles).
+        mom2_n_samples: number of **texts** sampled for C (reference and presets: 100,000 articles; default
+            without a preset: 1,000, see :data:`DEFAULT_MOM2_N_SAMPLES`).
         mom2_dtype: accumulation and solve precision: ``"float64"`` (hf_edit default, Cholesky solve) or
             ``"float32"`` (the reference's choice, explicit float32 inverse; use for parity).
         mom2_max_length: truncation of each text (default: the model's maximum length).
@@ -103,7 +113,7 @@ class ROMEConfig(EditConfig):
     early_stop_loss: float = 5e-2
     mom2_adjustment: bool = True
     mom2_dataset: Any = "wikipedia"
-    mom2_n_samples: int = 100_000
+    mom2_n_samples: int = DEFAULT_MOM2_N_SAMPLES
     mom2_dtype: Literal["float32", "float64"] = "float64"
     mom2_max_length: int | None = None
     mom2_damping: float = 0.0
@@ -147,3 +157,14 @@ class ROMEConfig(EditConfig):
                 raise ConfigError(f"{name} must be non-negative or None, got {value}.")
         if self.guard and self.guard_max_kl is not None and not self.guard_prompts:
             raise ConfigError("guard_max_kl needs guard_prompts (unrelated prompts to measure the KL on).")
+
+    def fast(self) -> ROMEConfig:
+        """This config with the fast mode's cheaper v*: 3 sampled context templates of 5 tokens instead of the
+        reference's 20 (so 4 rewriting rows with the bare prompt instead of 21) and the same optimiser; every other
+        value (layer, statistics, clamp, key mode) is kept.  ``ROMEConfig.preset("gpt2-xl").fast()``.
+
+        Measured on the CounterFact fact model (``benchmarks/bench_fast_rome.py``, README): see the trade-off table
+        there; the v* rows dominate an edit's time, so the edit runs several times faster at nearly the same
+        ES/PS/NS.
+        """
+        return replace(self, context_template_length_params=FAST_TEMPLATE_LENGTH_PARAMS, context_templates=None)
