@@ -6,12 +6,13 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
     python benchmarks/bench_memit.py speed --n 50 --runs 3 --threads 2
     python benchmarks/bench_memit.py memory --sizes 1 10 50 100 200
     python benchmarks/bench_memit.py projector [--allocate]
-    python benchmarks/bench_memit.py quality --n 200
+    python benchmarks/bench_memit.py quality --n 200 [--reference] [--recipe] --out benchmarks/results
     python benchmarks/bench_memit.py lifelong --n 1000 --batch 10 --every 100
 
 * **speed**: the z vectors of a batch of ``--n`` CounterFact requests optimised together (one batched forward and
   backward pass per step, ``z_batch_size`` = all) against one request at a time (``z_batch_size=1``): median and
-  spread (min–max) of ``--runs`` runs each, the ratio, and the largest difference between the two results.
+  spread (min–max) of ``--runs`` runs each, the ratio, and the largest difference between the two results; and the
+  whole batch (templates, z, keys and solve of every layer) on hf_edit's default path.
 * **memory**: peak resident memory added while computing z (2 steps; the peak is reached at the first) for batches
   of ``--sizes`` requests, unchunked and with the default chunking.
 * **projector**: the memory of AlphaEdit's null-space projector for a Llama-3-8B-shaped layer (d_ff = 14,336),
@@ -22,7 +23,8 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
   PS, NS (and S) before and after, with what limits the edit: the z optimisation's target probability and how many
   δ ended on the clamp, the fraction of each layer's residual share the update leaves unexplained (``fit``), and
   ‖ΔW‖/‖W‖.  Configurations: hf_edit's defaults for models without a preset, and the reference's GPT-2 XL values
-  (``--reference``) on the default layers and on layers 0–2.
+  (``--reference``) on the default layers and on layers 0–2, and ``SMALL_MODEL_RECIPE`` (``--recipe``).  With
+  ``--out DIR`` each section's result is written to ``DIR/memit_<section>.json``.
 * **lifelong**: ``--n`` edits in batches of ``--batch`` with one method (AlphaEdit by default), each batch on the
   model edited so far: every ``--every`` edits, retention (ES of all edits so far), NS of the edited cases, and the
   WikiText-2 test perplexity against the unedited model's; JSON written after every checkpoint (``--out``).
@@ -86,15 +88,29 @@ def bench_speed(args, model, tok) -> dict:
             results[name] = editor.compute_z(units, layer)
             times.append(time.perf_counter() - start)
         timings[name] = times
+    # the whole batch on hf_edit's default path (templates, z with the default chunking, keys and solve per layer)
+    editor = MEMITEditor(MEMITConfig(**stats_settings(args)), EditContext(model, tok))
+    editor.compute(requests[:2])  # warm-up (statistics, Cholesky factors)
+    whole = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        editor.compute(requests)
+        whole.append(time.perf_counter() - start)
+    timings["whole_batch_default"] = whole
     diff = max((a.delta - b.delta).abs().max().item() for a, b in zip(results["batched"], results["serial"]))
     ratio = statistics.median(timings["serial"]) / statistics.median(timings["batched"])
+    whole_ratio = statistics.median(timings["serial"]) / statistics.median(whole)
     steps = statistics.mean(r.info["steps"] for r in results["batched"])
     print(f"\nz of {args.n} requests on {fact_model_path().name}, torch threads = {torch.get_num_threads()}, "
           f"{args.runs} runs, mean {steps:.1f} forward passes per request")
     print(f"  batched (one pass per step): {spread(timings['batched'])}")
     print(f"  serial (one request a time): {spread(timings['serial'])}")
     print(f"  speed-up serial/batched: {ratio:.2f}x; max |δ_batched − δ_serial| = {diff:.2e}")
-    return {"n": args.n, "threads": torch.get_num_threads(), "seconds": timings, "ratio": ratio, "max_diff": diff}
+    print(f"  whole batch, hf_edit default path (z_batch_size={MEMITConfig().z_batch_size}, keys + z + solve): "
+          f"{spread(whole)}; serial z alone / whole batch: {whole_ratio:.2f}x")
+    return {"n": args.n, "threads": torch.get_num_threads(), "seconds": timings, "ratio": ratio,
+            "ratio_serial_z_over_whole_batch": whole_ratio, "max_diff": diff,
+            "medians": {k: statistics.median(v) for k, v in timings.items()}}
 
 
 def bench_memory(args, model, tok) -> dict:
@@ -157,10 +173,24 @@ def score(model, tok, cases) -> dict:
     return {k: round(summary[k]["mean"], 1) for k in ("ES", "PS", "NS", "S") if k in summary}
 
 
+#: A recipe for small models found on cf-facts-gpt2 (dev cases 200–400, then the first 200): ROME's clamp (4.0
+#: instead of 0.75, on which every δ of the reference values ends) and prompt preservation μ (the prompt's other
+#: tokens' keys kept), with MEMIT's λ lowered to 200 (λ = 20,000 leaves ~90 % of each layer's residual share
+#: unexplained with 200 keys against C of this model).  Not a default: it does not reach the issue's goal (ES ≥ 95)
+#: either, see benchmarks/results/memit_quality.md.
+SMALL_MODEL_RECIPE = {
+    "memit": dict(clamp_norm_factor=4.0, mom2_update_weight=200.0, prompt_preservation=1.0),
+    "emmet": dict(clamp_norm_factor=4.0, prompt_preservation=5.0),
+    "alphaedit": dict(clamp_norm_factor=4.0, prompt_preservation=1.0, L2=1.0),
+}
+
+
 def quality_configs(args) -> list[tuple[str, str, dict]]:
     reference = dict(clamp_norm_factor=0.75, mom2_update_weight=20000.0, v_loss_layer=None)
     configs = [("memit", "hf_edit default", {}), ("emmet", "hf_edit default", {}),
                ("alphaedit", "hf_edit default", {})]
+    if args.recipe:
+        configs += [(m, "small-model recipe", dict(o)) for m, o in SMALL_MODEL_RECIPE.items()]
     if args.reference:
         configs += [("memit", "reference gpt2-xl values", reference),
                     ("memit", "reference values, layers 0-2", dict(reference, layers=(0, 1, 2))),
@@ -191,7 +221,7 @@ def bench_quality(args, model, tok) -> dict:
                    relative_norm=[round(e.info["relative_norm"], 3) for e in edits],
                    config={k: v for k, v in config.to_dict().items() if k in overrides or k in (
                        "clamp_norm_factor", "mom2_update_weight", "emmet_lambda", "L2", "nullspace_threshold",
-                       "v_num_grad_steps", "kl_factor")})
+                       "v_num_grad_steps", "kl_factor", "prompt_preservation")}, n_cases=len(cases))
         rows.append(row)
         print(f"  {method:9s} {label:38s} layers {row['layers']}: ES {after['ES']:5.1f} PS {after['PS']:5.1f} "
               f"NS {after['NS']:5.1f} S {after.get('S', math.nan):5.1f} | z p(target) "
@@ -251,6 +281,7 @@ def main() -> None:
     parser.add_argument("--stats-texts", type=int, default=10000)
     parser.add_argument("--methods", nargs="*", default=None, help="quality: only these methods")
     parser.add_argument("--reference", action="store_true", help="quality: also the reference's GPT-2 XL values")
+    parser.add_argument("--recipe", action="store_true", help="quality: also SMALL_MODEL_RECIPE")
     parser.add_argument("--allocate", action="store_true", help="projector: decompose a random 14,336² C")
     parser.add_argument("--method", default="alphaedit", choices=sorted(CONFIGS), help="lifelong: the method")
     parser.add_argument("--batch", type=int, default=10)
@@ -278,7 +309,8 @@ def main() -> None:
             results["lifelong"] = bench_lifelong(args, model, tok)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_memit.json").write_text(json.dumps(results, indent=1, default=str))
+        for section, result in results.items():
+            (Path(args.out) / f"memit_{section}.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"\n(python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs)")
 
 
