@@ -17,8 +17,10 @@ from transformers import PreTrainedTokenizerBase
 
 from .errors import ConfigError
 from .hooks import kv_cache_arguments
+from .requests import EditRequest
+from .tokens import Encoded, encode_with_subject
 
-__all__ = ["BARE_TEMPLATE", "sample_context_templates", "normalise_templates"]
+__all__ = ["BARE_TEMPLATE", "sample_context_templates", "normalise_templates", "encode_templated", "fact_position"]
 
 BARE_TEMPLATE = "{}"
 
@@ -96,3 +98,23 @@ def normalise_templates(templates: Sequence[str]) -> tuple[list[str], bool]:
     if templates and templates[0] == BARE_TEMPLATE:
         return templates, False
     return [BARE_TEMPLATE] + [t for t in templates if t != BARE_TEMPLATE], True
+
+
+def encode_templated(tokenizer: PreTrainedTokenizerBase, template: str, request: EditRequest) -> Encoded:
+    """Tokenise ``template`` filled with the request's prompt and subject (by concatenation, never ``format``), with
+    the subject's first and last token located by offsets."""
+    before, after = template.split(BARE_TEMPLATE)
+    return encode_with_subject(tokenizer, before + request.prefix, request.subject, request.suffix + after)
+
+
+def fact_position(encoded: Encoded, fact_token: str, length: int | None = None) -> int:
+    """The position of the fact token (``"subject_last"``, ``"subject_first"``, ``"subject_first_after_last"`` or
+    ``"last"``) in a text of ``length`` tokens (default: the encoded text's length)."""
+    length = len(encoded.ids) if length is None else length
+    if fact_token == "subject_last":
+        return encoded.subject_last
+    if fact_token == "subject_first":
+        return encoded.subject_first
+    if fact_token == "subject_first_after_last":
+        return min(encoded.subject_last + 1, length - 1)
+    return length - 1

@@ -46,11 +46,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import OptimizationError
-from ...hooks import as_batch_seq, only_positions, replay_outputs
-from ...requests import EditRequest
-from ...tokens import encode_with_subject, pad_batch, target_ids
-from .keys import encode_templated, fact_position
+from .errors import OptimizationError
+from .hooks import as_batch_seq, only_positions, replay_outputs
+from .requests import EditRequest
+from .templates import encode_templated, fact_position
+from .tokens import encode_with_subject, pad_batch, target_ids
 
 __all__ = ["LogitLens", "ValueProblem", "ValueResult", "ValueSettings", "optimise_values"]
 

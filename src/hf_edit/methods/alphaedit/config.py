@@ -32,8 +32,9 @@ class AlphaEditConfig(MassEditConfig):
     :class:`~hf_edit.MEMITConfig`); ``mom2_update_weight`` of the reference's files is accepted and ignored (it
     does not enter AlphaEdit's update).
 
-    The defaults are hf_edit's for models without a preset (chosen on cf-facts-gpt2, see
-    ``benchmarks/bench_memit.py``); the presets and ``AlphaEditConfig.from_json(reference file)`` give the
+    The hyperparameter defaults are the reference's GPT-2 XL values; only the layer window is hf_edit's for
+    models without a preset (:func:`~hf_edit.methods.memit.config.default_layer_window`);
+    the presets and ``AlphaEditConfig.from_json(reference file)`` give the
     reference's values.
 
     Args:

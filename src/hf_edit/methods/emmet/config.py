@@ -28,8 +28,9 @@ class EMMETConfig(MassEditConfig):
     """Hyperparameters of EMMET (Gupta et al., 2024: equality-constrained mass model editing), with the reference
     implementation's names.  Everything but the closed form is MEMIT's (see :class:`~hf_edit.MEMITConfig`).
 
-    The defaults are hf_edit's for models without a preset (chosen on cf-facts-gpt2, see
-    ``benchmarks/bench_memit.py``); the presets and ``EMMETConfig.from_json(reference file)`` give the reference's
+    The hyperparameter defaults are the reference's GPT-2 XL values; only the layer window is hf_edit's for
+    models without a preset (:func:`~hf_edit.methods.memit.config.default_layer_window`);
+    the presets and ``EMMETConfig.from_json(reference file)`` give the reference's
     values.
 
     Args:

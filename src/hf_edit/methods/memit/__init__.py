@@ -5,10 +5,10 @@ the batched z optimisation (:mod:`.values`, also usable for ROME's v*), the clos
 layer loop (:class:`MassEditor`).
 """
 
+from ...values import LogitLens, ValueProblem, ValueResult, ValueSettings, optimise_values
 from ..registry import register_method
 from .config import MEMIT_PRESETS, MEMIT_SEED_WORDS, MassEditConfig, MEMITConfig, default_layer_window
 from .editor import MassEditor, MEMITEditor
-from .values import LogitLens, ValueProblem, ValueResult, ValueSettings, optimise_values
 
 __all__ = [
            "MEMIT_PRESETS",

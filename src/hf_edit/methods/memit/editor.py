@@ -37,6 +37,7 @@ from ...requests import EditRequest
 from ...stats import SecondMomentStats, model_fingerprint
 from ...templates import BARE_TEMPLATE
 from ...tokens import encode_with_subject, pad_token_id
+from ...values import LogitLens, ValueProblem, ValueResult, ValueSettings, optimise_values
 from ..base import EditContext, Editor, Update
 from .config import MassEditConfig, MEMITConfig
 from .keys import (
@@ -49,7 +50,6 @@ from .keys import (
 )
 from .solve import CholeskyCache, dtype_of, memit_dense, memit_lowrank
 from .templates import GroupedTemplates, flatten_templates, sample_grouped_templates
-from .values import LogitLens, ValueProblem, ValueResult, ValueSettings, optimise_values
 
 __all__ = ["LayerSolve", "MEMITEditor", "MassEditor"]
 

@@ -15,33 +15,13 @@ import torch
 from torch import nn
 
 from ...hooks import StopForward, as_batch_seq
-from ...requests import EditRequest
-from ...templates import BARE_TEMPLATE
-from ...tokens import Encoded, encode_with_subject, pad_batch
+from ...templates import encode_templated, fact_position  # re-exported: MEMIT's keys are read at these positions
+from ...tokens import pad_batch
 
 __all__ = ["PositionedRows", "encode_templated", "fact_position", "group_weights", "read_at_positions",
            "read_all_positions"]
 
 Where = str  # "input" or "output"
-
-
-def encode_templated(tokenizer, template: str, request: EditRequest) -> Encoded:
-    """Tokenise ``template`` filled with the request's prompt and subject (by concatenation, never ``format``), with
-    the subject's first and last token located by offsets."""
-    before, after = template.split(BARE_TEMPLATE)
-    return encode_with_subject(tokenizer, before + request.prefix, request.subject, request.suffix + after)
-
-
-def fact_position(encoded: Encoded, fact_token: str, length: int | None = None) -> int:
-    """The position of the fact token in a text of ``length`` tokens (default: the encoded text's length)."""
-    length = len(encoded.ids) if length is None else length
-    if fact_token == "subject_last":
-        return encoded.subject_last
-    if fact_token == "subject_first":
-        return encoded.subject_first
-    if fact_token == "subject_first_after_last":
-        return min(encoded.subject_last + 1, length - 1)
-    return length - 1
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,10 @@ from ...errors import ConfigError, DisablingEditError, HfEditError, Optimization
 from ...hooks import add_at_positions, add_low_rank, capture, frozen_eval, only_positions, replay_outputs
 from ...requests import EditRequest
 from ...stats import SecondMomentStats
-from ...templates import BARE_TEMPLATE, normalise_templates, sample_context_templates
+from ...templates import BARE_TEMPLATE, encode_templated, fact_position, normalise_templates, sample_context_templates
 from ...tokens import Encoded, encode_with_subject, pad_batch, pad_token_id, target_ids
+from ...values import ValueProblem, ValueSettings, optimise_values
 from ..base import EditContext, Editor, Update
-from ..memit.values import ValueProblem, ValueSettings, optimise_values
 from .config import ROMEConfig
 
 __all__ = ["RankOneUpdate", "ROMEEditor"]
@@ -86,16 +86,6 @@ class _ValueBatch:
     head_rows: torch.Tensor  # (row, position) pairs the LM head sees: every target position, then the KL token
     head_positions: torch.Tensor
     label_ids: torch.Tensor  # (N, T) target ids
-
-
-def _position(encoded: Encoded, fact_token: str, prompt_length: int) -> int:
-    if fact_token == "subject_last":
-        return encoded.subject_last
-    if fact_token == "subject_first":
-        return encoded.subject_first
-    if fact_token == "subject_first_after_last":
-        return min(encoded.subject_last + 1, prompt_length - 1)
-    return prompt_length - 1
 
 
 class ROMEEditor(Editor):
@@ -367,11 +357,10 @@ class ROMEEditor(Editor):
 
     def _encode(self, template: str, request: EditRequest) -> Encoded:
         """Tokenise ``template`` filled with the prompt and subject (built by concatenation, never ``format``)."""
-        before, after = template.split(BARE_TEMPLATE)
-        return encode_with_subject(self.tokenizer, before + request.prefix, request.subject, request.suffix + after)
+        return encode_templated(self.tokenizer, template, request)
 
     def _positions(self, contexts: list[Encoded]) -> torch.Tensor:
-        return torch.tensor([_position(c, self.config.fact_token, len(c.ids)) for c in contexts])
+        return torch.tensor([fact_position(c, self.config.fact_token) for c in contexts])
 
     @torch.no_grad()
     def _keys_and_outputs(self, module: nn.Module, contexts: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
