@@ -36,7 +36,32 @@ def candidates(base: ROMEConfig) -> dict[str, ROMEConfig]:
         "templates 5x3, 10 steps lr 1.0": replace(base, context_template_length_params=((5, 3),), v_num_grad_steps=10,
                                                   v_lr=1.0),
         "templates 10x5, 10 steps": replace(base, context_template_length_params=((10, 5),), v_num_grad_steps=10),
+        "templates 5x5 + 10x5": replace(base, context_template_length_params=((5, 5), (10, 5))),
+        "templates 5x10": replace(base, context_template_length_params=((5, 10),)),
     }
+
+
+def interleaved_timing(edited, editor, target, base: ROMEConfig, data, n: int) -> dict:
+    """Per-edit seconds of the reference-style edit, the default and ``fast()``, interleaved case by case (so load
+    changes hit all three alike); medians and min–max."""
+    fast = ROMEConfig.fast(base)
+    times: dict[str, list[float]] = {"reference-style": [], "default": [], "fast()": []}
+    edited.preview_edits([data.cases[0].request], method=fast)  # sample fast()'s templates outside the timings
+    for case in data.cases[:n]:
+        started = time.perf_counter()
+        reference_style_edit(editor, case.request, target)
+        times["reference-style"].append(time.perf_counter() - started)
+        for name, config in (("default", base), ("fast()", fast)):
+            started = time.perf_counter()
+            edited.preview_edits([case.request], method=config)
+            times[name].append(time.perf_counter() - started)
+    ref = statistics.median(times["reference-style"])
+    out = {name: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
+                  "speedup_vs_reference": ref / statistics.median(v)} for name, v in times.items()}
+    for name, row in out.items():
+        print(f"{name:<16} {row['median_s']:.3f} s ({row['min_s']:.3f}–{row['max_s']:.3f})  "
+              f"x{row['speedup_vs_reference']:.2f} vs reference-style", flush=True)
+    return out
 
 
 def main() -> None:
@@ -45,6 +70,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ref-edits", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="only these configurations")
+    parser.add_argument("--timing", type=int, default=0, metavar="N",
+                        help="only time N edits of the reference-style, default and fast() configs, interleaved")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,6 +87,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(data)} cases, layer {base.layers}")
     editor = ROMEEditor(base, EditContext.for_model(model, tokenizer, stats=stats))
     _ = editor.templates
+    if args.timing:
+        timing = interleaved_timing(edited, editor, target, base, data, args.timing)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"threads": args.threads, "edits": args.timing, "timing": timing}, f, indent=1)
+        return
     ref = []
     for case in data.cases[:args.ref_edits]:
         started = time.perf_counter()

@@ -72,3 +72,19 @@ def test_a_failing_request_is_reported_and_the_others_computed(gpt2_tokenizer, w
     assert not isinstance(previews[0], HfEditError) and not isinstance(previews[2], HfEditError)
     (alone,) = edited.edit(requests[2], method=config, check=False)
     torch.testing.assert_close(previews[2][0].value, alone.value, rtol=0, atol=1e-5)
+
+
+def test_fast_mode_changes_only_the_templates(gpt2_tokenizer):
+    from dataclasses import replace
+
+    from hf_edit.methods import EditContext
+    from hf_edit.methods.rome import ROMEEditor
+
+    base = ROMEConfig.preset("gpt2-xl")
+    fast = base.fast()
+    assert fast.context_template_length_params == ((5, 5), (10, 5))
+    assert replace(fast, context_template_length_params=base.context_template_length_params) == base
+    assert ROMEConfig(context_templates=("{}", "Hi. {}")).fast().context_templates is None
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), seed=3)
+    editor = ROMEEditor(ROMEConfig(layers=1, mom2_adjustment=False).fast(), EditContext.for_model(model, gpt2_tokenizer))
+    assert len(editor.templates) == 11  # the bare prompt and 10 sampled templates (the reference: 21)

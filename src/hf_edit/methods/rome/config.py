@@ -28,8 +28,8 @@ GUARD_MAX_KL = 0.5
 GUARD_PROMPTS = ("The weather today is", "My favourite food is", "He opened the door and", "The number after nine is")
 
 
-#: The fast mode's context templates (:meth:`ROMEConfig.fast`): 3 templates of 5 tokens.
-FAST_TEMPLATE_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 3),)
+#: The fast mode's context templates (:meth:`ROMEConfig.fast`): 5 of 5 tokens and 5 of 10 (the reference: 10 + 10).
+FAST_TEMPLATE_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))
 
 
 #: Shipped hyperparameters of the reference (kmeng01/rome ``hparams/ROME``; NeoX-20B from kmeng01/memit).
@@ -159,12 +159,11 @@ class ROMEConfig(EditConfig):
             raise ConfigError("guard_max_kl needs guard_prompts (unrelated prompts to measure the KL on).")
 
     def fast(self) -> ROMEConfig:
-        """This config with the fast mode's cheaper v*: 3 sampled context templates of 5 tokens instead of the
-        reference's 20 (so 4 rewriting rows with the bare prompt instead of 21) and the same optimiser; every other
-        value (layer, statistics, clamp, key mode) is kept.  ``ROMEConfig.preset("gpt2-xl").fast()``.
+        """This config with the fast mode's cheaper v*: 10 sampled context templates (5 of 5 tokens, 5 of 10) instead
+        of the reference's 20 (so 11 rewriting rows with the bare prompt instead of 21) and the same optimiser; every
+        other value (layer, statistics, clamp, key mode) is kept.  ``ROMEConfig.preset("gpt2-xl").fast()``.
 
-        Measured on the CounterFact fact model (``benchmarks/bench_fast_rome.py``, README): see the trade-off table
-        there; the v* rows dominate an edit's time, so the edit runs several times faster at nearly the same
-        ES/PS/NS.
+        Chosen on the CounterFact fact model (``benchmarks/bench_fast_rome.py``, 200 cases, README): ES/PS/NS within
+        1.1 points of the default, where 3 templates of 5 tokens lost 7 points of PS.
         """
         return replace(self, context_template_length_params=FAST_TEMPLATE_LENGTH_PARAMS, context_templates=None)
