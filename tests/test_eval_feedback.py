@@ -74,18 +74,24 @@ def _minimal(record: dict) -> dict:
 # -- 1. the table says how many cases are behind each column, and which edits did not apply -------------------------
 def test_table_counts_each_column_and_lists_the_edits_that_did_not_apply(gpt2_tokenizer, cases, monkeypatch,
                                                                          tmp_path):
-    real_edit = EditedModel.edit
+    from hf_edit.methods.ft.editor import FTEditor
+
+    real_compute, real_validate = FTEditor.compute, FTEditor.validate
     failing, refused = cases.cases[1].case_id, cases.cases[2].case_id
+    subjects = {case.case_id: case.request.subject for case in cases.cases}
 
-    def flaky(self, requests, method=None, **kwargs):
-        case_id = getattr(requests, "case_id", None)
-        if case_id == failing:
+    def compute(self, requests):
+        if any(r.subject == subjects[failing] for r in requests):
             raise OptimizationError("NaN in the loss at step 3.\nTry a smaller learning rate.")
-        if case_id == refused:
-            raise InvalidRequestError("The target is empty after tokenisation.")
-        return real_edit(self, requests, method, **kwargs)
+        return real_compute(self, requests)
 
-    monkeypatch.setattr(EditedModel, "edit", flaky)
+    def validate(self, request):
+        if request.subject == subjects[refused]:
+            raise InvalidRequestError("The target is empty after tokenisation.")
+        real_validate(self, request)
+
+    monkeypatch.setattr(FTEditor, "compute", compute)
+    monkeypatch.setattr(FTEditor, "validate", validate)
     result = evaluate_model(_edited(gpt2_tokenizer), cases, method=FT, cases_per_batch=2, progress=False)
     lines = result.table().splitlines()
     assert "n=4" in lines[0]  # the cases evaluated

@@ -590,8 +590,9 @@ class _Run:
     def _record_failure(self, index: int, err: HfEditError, seconds: float, **extra: Any) -> None:
         status = "refused" if isinstance(err, _REFUSED) else "failed"
         logger.warning("Edit of case %s %s: %s", self.data.cases[index].case_id, status, err)
+        message = _without_request_prefix(err)  # the record is the case's: its position in a call says nothing
         self.records[index]["edit"] = {"ok": False, "status": status, "error_type": type(err).__name__,
-                                       "message": str(err), "error": f"{type(err).__name__}: {err}",
+                                       "message": message, "error": f"{type(err).__name__}: {message}",
                                        "seconds": seconds, **extra}
 
     def _record_success(self, index: int, edits: list[Edit], seconds: float, **extra: Any) -> None:
@@ -763,6 +764,16 @@ class _Run:
             if metrics:
                 out[phase] = self._summarize(metrics)
         return out
+
+
+def _without_request_prefix(err: HfEditError) -> str:
+    """The error's message without the ``Request i (subject -> target): `` prefix that ``edit`` puts on it."""
+    text, request = str(err), getattr(err, "request", None)
+    if request is not None:
+        prefix = f"Request {getattr(err, 'request_index', '')} ({request.subject!r} -> {request.target_new!r}): "
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def _edit_summary(edits: list[Edit]) -> dict[str, Any]:
