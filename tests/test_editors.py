@@ -167,7 +167,7 @@ def test_training_data_excludes_evaluation_cases(cases, locality, tokenizer):
     # with loc_neighbours, an edit's neighbourhood prompts join its locality rows
     from hf_edit.editors.training import _Batches
 
-    batches = _Batches(kept, tokenizer, "mend", micro_batch_size=1, n_loc=1, seed=0, max_length=None,
+    batches = _Batches(kept, tokenizer, True, micro_batch_size=1, n_loc=1, seed=0, max_length=None,
                        loc_max_length=8, loc_neighbours=2)
     micro = batches.build([(kept.train[1], 3)], ["Some unrelated text."])
     assert micro.loc.input_ids.shape[0] == 3  # 1 text + 2 neighbourhood prompts

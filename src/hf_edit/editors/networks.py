@@ -190,6 +190,12 @@ class EditorNetwork(nn.Module):
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    #: Whether the edits of one training step pass through the network together, as one inner batch (MEND), or
+    #: one at a time, each conditioned on its own tokens (KE).
+    joint_edits: ClassVar[bool] = False
+    #: Whether the network normalises the gradient factors with running statistics collected while training
+    #: (MEND's ``statistics_of`` / ``observe``).
+    collects_statistics: ClassVar[bool] = False
     _kinds: ClassVar[dict[str, type[EditorNetwork]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -246,6 +252,10 @@ class EditorNetwork(nn.Module):
         if kind not in EditorNetwork._kinds:
             raise ConfigError(f"Unknown editor network kind {kind!r}; known: {sorted(EditorNetwork._kinds)}.")
         return EditorNetwork._kinds[kind]
+
+    def learning_rate_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by an optimiser of their own at ``lr_lr`` (MEND's per-matrix edit learning rates)."""
+        return []
 
     # -- the edit ------------------------------------------------------------------------------------------------
     def matrix(self, name: str) -> EditedMatrix:
@@ -530,6 +540,8 @@ class MENDNetwork(EditorNetwork):
     """
 
     kind = "mend"
+    joint_edits = True
+    collects_statistics = True
     config_class = MENDNetworkConfig
 
     def __init__(self, matrices: Sequence[EditedMatrix], config: MENDNetworkConfig, base_model: BaseModelInfo,
@@ -576,6 +588,9 @@ class MENDNetwork(EditorNetwork):
             packed = GradientTransform.batch_statistics(factors[m.name])
             out[key] = packed if key not in out else GradientTransform.merge(out[key], packed, m.in_features)
         return out
+
+    def learning_rate_parameters(self) -> list[nn.Parameter]:
+        return [self.edit_lrs]
 
     @torch.no_grad()
     def observe(self, factors: Mapping[str, GradientFactors]) -> None:

@@ -235,7 +235,7 @@ class _Micro:
     rewrite: TokenBatch | None = None
 
 
-def _edit_deltas(network: nn.Module, kind: str, model: nn.Module, names: list[str], inner: list[TokenBatch],
+def _edit_deltas(network: nn.Module, model: nn.Module, names: list[str], inner: list[TokenBatch],
                  statistics: dict[str, torch.Tensor] | None = None
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Gradient factors of the inner edits, through the network; ``statistics`` collects MEND's batch
@@ -247,7 +247,7 @@ def _edit_deltas(network: nn.Module, kind: str, model: nn.Module, names: list[st
         per_edit.append(factors)
         losses.append(loss)
     plain = network.module if hasattr(network, "module") else network
-    if kind == "mend":
+    if plain.joint_edits:
         (factors,) = per_edit
         if statistics is not None:
             for key, packed in plain.statistics_of(factors).items():
@@ -261,7 +261,7 @@ def _edit_deltas(network: nn.Module, kind: str, model: nn.Module, names: list[st
     return deltas, torch.stack(losses).mean()
 
 
-def editor_losses(network: nn.Module, kind: str, model: nn.Module, micro: _Micro, *, edit_weight: float,
+def editor_losses(network: nn.Module, model: nn.Module, micro: _Micro, *, edit_weight: float,
                   loc_weight: float, autocast: Any = nullcontext, statistics: dict[str, torch.Tensor] | None = None,
                   metrics: bool = False) -> dict[str, torch.Tensor]:
     """The training objective of one micro-batch (and, with ``metrics``, the evaluation measures).
@@ -274,8 +274,7 @@ def editor_losses(network: nn.Module, kind: str, model: nn.Module, micro: _Micro
     device = unwrap_model(model).get_input_embeddings().weight.device
     pad = 0
     with autocast():
-        deltas, inner_loss = _edit_deltas(network, kind, model, names, [b.to(device) for b in micro.inner],
-                                          statistics)
+        deltas, inner_loss = _edit_deltas(network, model, names, [b.to(device) for b in micro.inner], statistics)
         rows = [micro.outer, micro.loc] + ([micro.rewrite] if metrics and micro.rewrite is not None else [])
         joint = TokenBatch.concat(rows, pad).to(device)
         n_outer, n_loc = micro.outer.input_ids.shape[0], micro.loc.input_ids.shape[0]
@@ -313,10 +312,10 @@ def editor_losses(network: nn.Module, kind: str, model: nn.Module, micro: _Micro
 class _Batches:
     """Deterministic micro-batches: example positions → edits (per-epoch seeded permutations), locality texts."""
 
-    def __init__(self, data: EditorTrainingData, tokenizer: PreTrainedTokenizerBase, kind: str, *,
+    def __init__(self, data: EditorTrainingData, tokenizer: PreTrainedTokenizerBase, joint_edits: bool, *,
                  micro_batch_size: int, n_loc: int, seed: int, max_length: int | None, loc_max_length: int,
                  loc_neighbours: int = 0) -> None:
-        self.data, self.tokenizer, self.kind = data, tokenizer, kind
+        self.data, self.tokenizer, self.joint_edits = data, tokenizer, joint_edits
         self.loc_neighbours = loc_neighbours
         self.micro, self.n_loc, self.seed = micro_batch_size, n_loc, seed
         self.max_length, self.loc_max_length = max_length, loc_max_length
@@ -348,7 +347,7 @@ class _Batches:
         prompts = [r.filled_prompt for r in requests]
         targets = [r.target_new for r in requests]
         inner_all = encode_edits(self.tokenizer, prompts, targets, max_length=self.max_length)
-        if self.kind == "mend":
+        if self.joint_edits:
             inner = [inner_all]
         else:
             inner = [encode_edits(self.tokenizer, [p], [t], max_length=self.max_length)
@@ -383,7 +382,7 @@ class _Batches:
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _evaluate(network: EditorNetwork, kind: str, model: nn.Module, batches: _Batches, examples: Sequence[EditExample],
+def _evaluate(network: EditorNetwork, model: nn.Module, batches: _Batches, examples: Sequence[EditExample],
               config: EditorTrainingConfig, autocast: Any = nullcontext) -> dict[str, float]:
     was_training = network.training
     network.eval()
@@ -392,7 +391,7 @@ def _evaluate(network: EditorNetwork, kind: str, model: nn.Module, batches: _Bat
         for i, example in enumerate(examples):
             micro = batches.val_micro(example, i)
             with torch.enable_grad():
-                values = editor_losses(network, kind, model, micro, edit_weight=config.edit_weight,
+                values = editor_losses(network, model, micro, edit_weight=config.edit_weight,
                                        loc_weight=config.loc_weight, autocast=autocast, metrics=True)
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
@@ -414,11 +413,11 @@ def evaluate_editor(network: EditorNetwork, model: nn.Module, tokenizer: PreTrai
     config = config or EditorTrainingConfig()
     data = EditorTrainingData(train=list(examples), val=[], locality=list(locality))
     positions = model_max_length(model)
-    batches = _Batches(data, tokenizer, network.kind, micro_batch_size=1, n_loc=config.n_loc, seed=config.seed,
+    batches = _Batches(data, tokenizer, network.joint_edits, micro_batch_size=1, n_loc=config.n_loc, seed=config.seed,
                        max_length=_cap(config.max_length, positions),
                        loc_max_length=_cap(config.loc_max_length, positions), loc_neighbours=config.loc_neighbours)
     with frozen_eval(model):
-        return _evaluate(network, network.kind, model, batches, examples, config)
+        return _evaluate(network, model, batches, examples, config)
 
 
 def _cap(value: int | None, limit: int | None) -> int | None:
@@ -506,7 +505,8 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
     if accelerator.is_main_process:
         logger.info("Editor training data: %s", data.describe())
     positions = model_max_length(model)
-    batches = _Batches(data, tokenizer, method, micro_batch_size=config.micro_batch_size, n_loc=config.n_loc,
+    batches = _Batches(data, tokenizer, EditorNetwork._class_of(method).joint_edits,
+                       micro_batch_size=config.micro_batch_size, n_loc=config.n_loc,
                        seed=config.seed, max_length=_cap(config.max_length, positions),
                        loc_max_length=_cap(config.loc_max_length, positions), loc_neighbours=config.loc_neighbours)
     val_examples = data.val[:config.eval_size] if config.eval_size else data.val
@@ -516,8 +516,8 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
                                    config=dict(config.network or {}))
     network.to(accelerator.device).train()
     optimisers = [torch.optim.Adam(network.parameters(), lr=lr)]
-    if method == "mend":
-        optimisers.append(torch.optim.Adam([network.edit_lrs], lr=config.lr_lr))
+    if network.learning_rate_parameters():
+        optimisers.append(torch.optim.Adam(network.learning_rate_parameters(), lr=config.lr_lr))
     prepared = accelerator.prepare(network, *optimisers)
     wrapped, optimisers = prepared[0], list(prepared[1:])
 
@@ -556,7 +556,7 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
     window: dict[str, float] = {}
     window_steps = 0
     with frozen_eval(model):
-        if method == "mend" and start_step == 0 and config.norm_warmup and network.config.norm:
+        if network.collects_statistics and start_step == 0 and config.norm_warmup and network.config.norm:
             for micro in batches.warmup_batches(config.norm_warmup):
                 factors, _ = gradient_factors(model, [m.name for m in network.matrices],
                                               micro.inner[0].to(accelerator.device))
@@ -569,9 +569,9 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
                 micro = batches.micro_batch(index)
                 sync = m == accumulation - 1
                 with (nullcontext() if sync else accelerator.no_sync(wrapped)):
-                    values = editor_losses(wrapped, method, model, micro, edit_weight=config.edit_weight,
+                    values = editor_losses(wrapped, model, micro, edit_weight=config.edit_weight,
                                            loc_weight=config.loc_weight, autocast=accelerator.autocast,
-                                           statistics=statistics if method == "mend" else None)
+                                           statistics=statistics if network.collects_statistics else None)
                     accelerator.backward(values["loss"] / accumulation)
                 for key, value in values.items():
                     sums[key] = sums.get(key, 0.0) + value.detach() / accumulation
@@ -584,7 +584,7 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
                 logger.warning("Step %d: non-finite gradient norm; the step is skipped.", step)
             for optimiser in optimisers:
                 optimiser.zero_grad(set_to_none=True)
-            if method == "mend":
+            if network.collects_statistics:
                 _merge_statistics(accelerator, network, statistics)
             examples_seen += config.batch_size
             for key, value in sums.items():
@@ -600,15 +600,16 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
                                                         device=accelerator.device), "mean")
                 record = {"step": done, "examples": examples_seen, "elapsed_s": round(elapsed, 3),
                           **{f"train/{k}": float(v) for k, v in zip(keys, means.tolist(), strict=True)}}
-                if method == "mend":
-                    record["train/edit_lr_mean"] = float(network.edit_lrs.detach().mean())
+                if network.learning_rate_parameters():  # MEND's learned edit learning rates
+                    record["train/edit_lr_mean"] = float(torch.cat(
+                        [p.detach().flatten() for p in network.learning_rate_parameters()]).mean())
                 _log(accelerator, output_dir, record, trackers)
                 bar.set_postfix(loss=f"{record['train/loss']:.4g}")
                 window, window_steps = {}, 0
             reason = 0  # 1: time budget spent, 2: early stop
             if config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
                 last_metrics, best, best_metrics, evals_without_improvement, early = _eval_step(
-                    accelerator, network, method, model, batches, val_examples, config, output_dir, done,
+                    accelerator, network, model, batches, val_examples, config, output_dir, done,
                     examples_seen, elapsed, best, best_metrics, evals_without_improvement, trackers, run_description)
                 last_eval = done
                 reason = 2 if early else 0
@@ -625,7 +626,7 @@ def train_editor(method: Literal["mend", "ke"], model: nn.Module, tokenizer: Pre
         # final evaluation, checkpoint and artifact
         if val_examples and last_eval != done:
             last_metrics, best, best_metrics, evals_without_improvement, _ = _eval_step(
-                accelerator, network, method, model, batches, val_examples, config, output_dir, done, examples_seen,
+                accelerator, network, model, batches, val_examples, config, output_dir, done, examples_seen,
                 elapsed, best, best_metrics, evals_without_improvement, trackers, run_description)
         _checkpoint(accelerator, output_dir, done, examples_seen, elapsed, best, best_metrics,
                     evals_without_improvement, run_description, config.keep_checkpoints)
@@ -690,7 +691,7 @@ def _merge_statistics(accelerator: Any, network: MENDNetwork, statistics: dict[s
             offset += size
 
 
-def _eval_step(accelerator: Any, network: EditorNetwork, method: str, model: nn.Module, batches: _Batches,
+def _eval_step(accelerator: Any, network: EditorNetwork, model: nn.Module, batches: _Batches,
                val_examples: Sequence[EditExample], config: EditorTrainingConfig, output_dir: Path, step: int,
                examples_seen: int, elapsed: float, best: float | None, best_metrics: dict[str, float],
                stale: int, trackers: list[str], run: Mapping[str, Any]
@@ -698,7 +699,7 @@ def _eval_step(accelerator: Any, network: EditorNetwork, method: str, model: nn.
     metrics: dict[str, float] = {}
     stop = False
     if accelerator.is_main_process and val_examples:
-        metrics = _evaluate(network, method, model, batches, val_examples, config, autocast=accelerator.autocast)
+        metrics = _evaluate(network, model, batches, val_examples, config, autocast=accelerator.autocast)
         metrics.update(step=step, examples=examples_seen, elapsed_s=round(elapsed, 3))
         _log(accelerator, output_dir, metrics, trackers)
         if best is None or metrics["val/loss"] < best:
