@@ -18,12 +18,11 @@ import time
 from dataclasses import replace
 
 import torch
-from _shared import COUNTERFACT, WIKITEXT, fact_model_path
 from bench_rome import reference_style_edit
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from bench_single import rome_on_fact_model
 
-from hf_edit import EditedModel, ROMEConfig
-from hf_edit.evaluation import evaluate_model, load_eval_data
+from hf_edit import ROMEConfig
+from hf_edit.evaluation import evaluate_model
 from hf_edit.methods import EditContext
 from hf_edit.methods.rome import ROMEEditor
 
@@ -75,15 +74,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = fact_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    data = load_eval_data(str(COUNTERFACT), n=args.n)
-    base = ROMEConfig(mom2_dataset=str(WIKITEXT)).resolved_for(model)
-    edited = EditedModel(model, tokenizer, method=base, progress=False)
-    probe = edited._editor(base)
-    target = probe.targets()[0]
-    stats = probe.stats_for(target)
+    model, tokenizer, data, base, edited, target, stats = rome_on_fact_model(args.n)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(data)} cases, layer {base.layers}")
     editor = ROMEEditor(base, EditContext.for_model(model, tokenizer, stats=stats))
     _ = editor.templates

@@ -33,6 +33,20 @@ from hf_edit.methods import EditContext
 from hf_edit.methods.rome import ROMEEditor
 
 
+def rome_on_fact_model(n: int):
+    """The fact model, its tokenizer, its first ``n`` CounterFact cases, the default ROME config (statistics from
+    WikiText-2), an ``EditedModel`` with those statistics loaded, the edited module and its statistics."""
+    path = fact_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = load_eval_data(str(COUNTERFACT), n=n)
+    config = ROMEConfig(mom2_dataset=str(WIKITEXT)).resolved_for(model)
+    edited = EditedModel(model, tokenizer, method=config, progress=False)
+    probe = edited._editor(config)
+    target = probe.targets()[0]
+    return model, tokenizer, data, config, edited, target, probe.stats_for(target)  # statistics outside timings
+
+
 def reference_loop(model, tokenizer, config, stats, data, updates) -> float:
     editor = ROMEEditor(config, EditContext.for_model(model, tokenizer, stats=stats))
     target = editor.targets()[0]
@@ -60,17 +74,9 @@ def main() -> None:
     parser.add_argument("--out", help="write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = fact_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    data = load_eval_data(str(COUNTERFACT), n=args.n)
-    config = ROMEConfig(mom2_dataset=str(WIKITEXT)).resolved_for(model)
-    edited = EditedModel(model, tokenizer, method=config, progress=False)
-    edited.prepare(config)  # statistics, outside the timings
+    model, tokenizer, data, config, edited, _, stats = rome_on_fact_model(args.n)
     previews = edited.preview_edits([c.request for c in data.cases], method=config)
     updates = [p[0].factors.delta_weight() if isinstance(p, list) else None for p in previews]  # None: refused
-    probe = edited._editor(config)
-    stats = probe.stats_for(probe.targets()[0])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.n} cases, layer {config.layers}")
     rows: dict[str, list[float]] = {"reference-style": []} | {f"hf_edit k={k}": [] for k in args.batches}
     for _ in range(args.runs):
