@@ -24,7 +24,7 @@ def requests(counterfact_path):
 def test_preview_equals_each_edit_alone(gpt2_tokenizer, wikitext_path, requests, key_mode):
     config = ROMEConfig(layers=1, mom2_dataset=str(wikitext_path), mom2_n_samples=200, mom2_max_length=64,
                         context_templates=("{}", "Hello world. {}", "A short story. {}"), v_num_grad_steps=6,
-                        key_mode=key_mode, guard=False)
+                        key_mode=key_mode, guard=False, v_batch_size=None)
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), seed=3)
     edited = EditedModel(model, gpt2_tokenizer, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -50,7 +50,7 @@ def test_a_failing_request_is_reported_and_the_others_computed(gpt2_tokenizer, w
     from hf_edit.methods.rome import ROMEEditor
 
     config = ROMEConfig(layers=1, mom2_dataset=str(wikitext_path), mom2_n_samples=200, mom2_max_length=64,
-                        context_templates=("{}",), v_num_grad_steps=3, guard=False)
+                        context_templates=("{}",), v_num_grad_steps=3, guard=False, v_batch_size=4)
     edited = EditedModel(tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), seed=3), gpt2_tokenizer, progress=False)
     bad = requests[1].__class__(prompt="{} is", subject="Nowhere to be seen", target_new=" x")
     mixed = [requests[0], bad, requests[2]]

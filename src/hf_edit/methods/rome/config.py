@@ -78,6 +78,10 @@ class ROMEConfig(EditConfig):
         context_templates: explicit templates (each with one ``{}``), used instead of sampling; ``"{}"`` is
             prepended if missing.
         context_template_top_k: top-k of the template sampler.
+        v_batch_size: independent requests whose v* are optimised together when their edits are computed alone
+            (:meth:`EditedModel.preview_edits`, the single evaluation protocol); ``None``: all of them.  Default 1,
+            one at a time: on a 2-core CPU the batched optimisation was slower (``benchmarks/bench_single.py``,
+            16 cases: 0.65 against 1.03 cases/s); it is meant for accelerators.
         seed: seed of the template sampler.
         key_mode: ``"original"`` (reference: W′k_cur + b = v*) or ``"consistent"`` (r-ROME: W′k̄ + b = v*).
         rewrite_module_tmp: explicit module path with ``{}`` for the layer (e.g.
@@ -120,6 +124,7 @@ class ROMEConfig(EditConfig):
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     context_templates: tuple[str, ...] | None = None
     context_template_top_k: int = 5
+    v_batch_size: int | None = 1
     seed: int = 0
     key_mode: KeyMode = "original"
     guard: bool = True
@@ -143,6 +148,8 @@ class ROMEConfig(EditConfig):
             raise ConfigError(f"Unknown fact_token {self.fact_token!r}.")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ConfigError(f"mom2_dtype must be 'float32' or 'float64', got {self.mom2_dtype!r}.")
+        if self.v_batch_size is not None and not (isinstance(self.v_batch_size, int) and self.v_batch_size >= 1):
+            raise ConfigError(f"v_batch_size must be a positive integer or None, got {self.v_batch_size!r}.")
         if self.v_num_grad_steps < 1:
             raise ConfigError("v_num_grad_steps must be at least 1.")
         for name in ("v_lr", "clamp_norm_factor", "mom2_n_samples"):

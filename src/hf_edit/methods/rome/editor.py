@@ -198,13 +198,14 @@ class ROMEEditor(Editor):
         return self._rank_one(request, target, module, keys, outputs, v_star, v_init, opt_info, targets, timings)
 
     def compute_each(self, requests: Sequence[EditRequest]) -> list[list[Update] | HfEditError]:
-        """Each request's update alone on the model as it is now, the v* of all requests optimised together (one
+        """Each request's update alone on the model as it is now, with ``v_batch_size`` > 1 (or ``None``) the v* of
+        up to that many requests optimised together (one
         batched forward and backward pass per step, each request its own δ, clamp and early stop: the same δ as
         one at a time, up to float rounding).  Configs editing several layers (each layer's v* depends on the
         update of the one before) fall back to one request at a time, as does a batch whose optimisation fails
         (so that the failure is pinned on its request)."""
         targets = self.targets()
-        if len(requests) < 2 or len(targets) != 1:
+        if len(requests) < 2 or len(targets) != 1 or self.config.v_batch_size == 1:
             return super().compute_each(requests)
         target = targets[0]
         module = unwrap_model(self.model).get_submodule(target.name)
@@ -242,8 +243,8 @@ class ROMEEditor(Editor):
             key_seconds = (time.perf_counter() - clock) / len(jobs)
             clock = time.perf_counter()
             try:
-                values = optimise_values(self.model, module, problems, settings,
-                                         pad_id=pad_token_id(self.tokenizer), frozen=self._layers_below(target))
+                values = optimise_values(self.model, module, problems, settings, pad_id=pad_token_id(self.tokenizer),
+                                         chunk_size=cfg.v_batch_size, frozen=self._layers_below(target))
             except OptimizationError:
                 values = None
             v_seconds = (time.perf_counter() - clock) / len(jobs)
@@ -256,7 +257,8 @@ class ROMEEditor(Editor):
             rows = slice(j * n_templates, (j + 1) * n_templates)
             info = {"v_steps": value.info["steps"], "clamped": value.info["clamped"], "loss": value.info["loss"],
                     "nll": value.info["nll"], "kl": value.info["kl"], "weight_decay": value.info["weight_decay"],
-                    "target_probability": value.info["target_probability"], "v_batch": len(jobs)}
+                    "target_probability": value.info["target_probability"],
+                    "v_batch": min(len(jobs), cfg.v_batch_size or len(jobs))}
             timings = {"templates": template_seconds, "key": key_seconds, "v_star": v_seconds}
             try:
                 update = self._rank_one(request, target, module, keys[rows], outputs[rows], value.value,
