@@ -5,9 +5,10 @@ reference's edit-then-score loop, in one process.
   logits at every position, a separate bare-prompt pass, one request at a time), then the update written into the
   weights, the case scored alone (rewrite, paraphrase and neighbourhood prompts) and the weights restored, as the
   reference's ``evaluate.py`` does (without its generation tests).
-* **hf_edit, cases_per_batch = k**: ``evaluate_model(..., protocol="single", cases_per_batch=k)``: the v* of k
-  independent cases optimised together (``EditedModel.preview_edits``), every case's edit applied to its own rows
-  while the k cases' prompts are scored together.  Its time includes the pre-edit scoring of every case, which the
+* **hf_edit, cases_per_batch = k**: ``evaluate_model(..., protocol="single", cases_per_batch=k)``: the k cases'
+  edits computed without touching the model (``EditedModel.preview_edits``), every case's edit applied to its own
+  rows while the k cases' prompts are scored together; "v* batched": with ``v_batch_size=None``, the k cases' v*
+  optimised together.  Its time includes the pre-edit scoring of every case, which the
   reference does not do in the same loop.
 
 Statistics are computed once beforehand (cached); threads are pinned and printed.  Medians (min–max) of ``--runs``.
@@ -21,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from _shared import COUNTERFACT, WIKITEXT, fact_model_path
@@ -78,13 +80,15 @@ def main() -> None:
     previews = edited.preview_edits([c.request for c in data.cases], method=config)
     updates = [p[0].factors.delta_weight() if isinstance(p, list) else None for p in previews]  # None: refused
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.n} cases, layer {config.layers}")
-    rows: dict[str, list[float]] = {"reference-style": []} | {f"hf_edit k={k}": [] for k in args.batches}
+    variants = [(f"hf_edit k={k}", k, config) for k in args.batches] + [
+        (f"hf_edit k={k}, v* batched", k, replace(config, v_batch_size=None)) for k in args.batches if k > 1]
+    rows: dict[str, list[float]] = {"reference-style": []} | {name: [] for name, _, _ in variants}
     for _ in range(args.runs):
         rows["reference-style"].append(reference_loop(model, tokenizer, config, stats, data, updates))
-        for k in args.batches:
-            result = evaluate_model(edited, data, method=config, protocol="single", cases_per_batch=k,
+        for name, k, variant in variants:
+            result = evaluate_model(edited, data, method=variant, protocol="single", cases_per_batch=k,
                                     progress=False)
-            rows[f"hf_edit k={k}"].append(result.timing["cases_per_second"])
+            rows[name].append(result.timing["cases_per_second"])
     base = statistics.median(rows["reference-style"])
     summary = {}
     for name, values in rows.items():
