@@ -74,7 +74,13 @@ def main() -> None:
                            "mom2_n_samples": args.stats_samples})
 
     print(f"model: {model_id}\nedit: {request.filled_prompt!r} -> {request.target_new!r}\n")
-    model = EditedModel.from_pretrained(model_id, method=config)
+    try:
+        model = EditedModel.from_pretrained(model_id, method=config)
+    except OSError as err:  # no network and no local copy (e.g. a clone without ../shared/data)
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise SystemExit(f"Could not load the model {model_id!r}: {first}\nPass --model with a local model folder, "
+                         "or a Hub id this machine can download (the default is ../shared/data/models/"
+                         "cf-facts-gpt2 when that folder exists).") from None
     show(model, request.filled_prompt, "before the edit")
     (edit,) = model.edit(request)
     info = edit.info
