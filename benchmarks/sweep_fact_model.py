@@ -58,9 +58,20 @@ def _memit(**overrides: Any):
     return get_method("memit").config_class(**STATS, **overrides)
 
 
-#: name -> factory of the config.  "default" is what a model without a preset gets today (layer n // 3 = 2).
+def _layerwise(**overrides: Any):
+    from hf_edit import LayerwiseConfig
+
+    return LayerwiseConfig(**STATS, **overrides)
+
+
+#: name -> factory of the config.  "default" is what a model without a preset got before the layer-wise method
+#: (ROME at layer n // 3 = 2); "layerwise default" is what it gets now.
 CANDIDATES: dict[str, Any] = {
     "default": lambda: _rome(),
+    "layerwise default": lambda: _layerwise(),
+    "layerwise L0-3": lambda: _layerwise(layers=(0, 1, 2, 3)),
+    "layerwise mean keys": lambda: _layerwise(template_keys="mean"),
+    "layerwise no preservation": lambda: _layerwise(prompt_preservation=0.0),
     "rome L0": lambda: _rome(layers=(0,)),
     "rome L1": lambda: _rome(layers=(1,)),
     "rome L0 steps60": lambda: _rome(layers=(0,), v_num_grad_steps=60),

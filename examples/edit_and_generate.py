@@ -1,4 +1,7 @@
-"""Edit one fact with ROME and show the model's predictions before and after.
+"""Edit one fact and show the model's predictions before and after.
+
+The method is hf_edit's default for the model (ROME with the reference's values for GPT-2 XL and GPT-J, the
+layer-wise method for a model no method ships a preset for, such as the fact model below), or ``--method``.
 
 Run from the repository root::
 
@@ -15,12 +18,14 @@ The edit is saved as a PEFT adapter folder and reloaded to show that it round-tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
-from hf_edit import EditedModel, EditRequest, ROMEConfig
+from hf_edit import EditedModel, EditRequest
+from hf_edit.methods import available_methods, resolve_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -60,7 +65,8 @@ def main() -> None:
     parser.add_argument("--stats-data", default="Salesforce/wikitext:wikitext-103-raw-v1",
                         help="texts for the second-moment statistics when WikiText-2 is not in ../shared")
     parser.add_argument("--stats-samples", type=int, default=20_000, help="number of texts for the statistics")
-    parser.add_argument("--key-mode", choices=["original", "consistent"], default="original")
+    parser.add_argument("--method", choices=available_methods(), default=None,
+                        help="editing method (default: hf_edit's default for the model)")
     args = parser.parse_args()
 
     model_id = args.model or default_model()
@@ -68,12 +74,11 @@ def main() -> None:
     request = EditRequest(prompt=args.prompt or fact[0], subject=args.subject or fact[1],
                           target_new=args.target or fact[2])
     wikitext = SHARED / "corpus" / "wikitext-2-raw" / "wiki.valid.raw"
-    preset = ROMEConfig.preset(model_id)
-    config = ROMEConfig(**{**preset.__dict__, "key_mode": args.key_mode,
-                           "mom2_dataset": str(wikitext) if wikitext.exists() else args.stats_data,
-                           "mom2_n_samples": args.stats_samples})
+    config = resolve_config(args.method, model_id)  # method=None: the default for this model
+    config = dataclasses.replace(config, mom2_dataset=str(wikitext) if wikitext.exists() else args.stats_data,
+                                 mom2_n_samples=args.stats_samples)
 
-    print(f"model: {model_id}\nedit: {request.filled_prompt!r} -> {request.target_new!r}\n")
+    print(f"model: {model_id}\nmethod: {config.label}\nedit: {request.filled_prompt!r} -> {request.target_new!r}\n")
     try:
         model = EditedModel.from_pretrained(model_id, method=config)
     except OSError as err:  # no network and no local copy (e.g. a clone without ../shared/data)
@@ -82,11 +87,13 @@ def main() -> None:
                          "or a Hub id this machine can download (the default is ../shared/data/models/"
                          "cf-facts-gpt2 when that folder exists).") from None
     show(model, request.filled_prompt, "before the edit")
-    (edit,) = model.edit(request)
-    info = edit.info
-    print(f"\nedited {edit.module}: v* loss {info['loss']:.3f} after {info['v_steps']} steps, "
-          f"‖ΔW‖ = {info['norm_update']:.3f} ({info['norm_update'] / info['norm_weight']:.1%} of ‖W‖), "
-          f"time {sum(info['timings'].values()):.1f}s\n")
+    edits = model.edit(request)
+    print()
+    for edit in edits:
+        weight = model.base_model.get_submodule(edit.module).weight
+        change = (edit.factors.B @ edit.factors.A).norm() / weight.detach().float().norm()
+        print(f"edited {edit.module}: rank {edit.factors.rank}, ‖ΔW‖ = {change:.1%} of ‖W‖")
+    print()
     show(model, request.filled_prompt, "after the edit")
     with model.disable_edits():
         show(model, request.filled_prompt, "with the edit disabled")

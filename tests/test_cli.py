@@ -15,8 +15,9 @@ from tiny_models import tiny_model
 
 from hf_edit import EditedModel
 
-SMALL = ["--layer", "1", "--set", "v_num_grad_steps=5", "--set", 'context_templates=["{}", "Hello world. {}"]',
-         "--set", "mom2_max_length=64"]
+# ROME, explicitly: a tiny random model has no preset, so method=None would mean the layer-wise method.
+SMALL = ["--method", "rome", "--layer", "1", "--set", "v_num_grad_steps=5", "--set",
+         'context_templates=["{}", "Hello world. {}"]', "--set", "mom2_max_length=64"]
 EIFFEL = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome",
           "--target-true", "Paris"]
 

@@ -193,7 +193,8 @@ def run(*argv: str) -> int:
 def test_cli_reports_each_edit_and_skips_on_request(base_dir, tmp_path, wikitext_path, capsys):
     requests = tmp_path / "r.jsonl"
     requests.write_text("\n".join(json.dumps(r.to_dict()) for r in (EIFFEL, MESSI)))
-    common = ["edit", "--model", str(base_dir), "--requests", str(requests), "--layer", "1", "--stats-data",
+    common = ["edit", "--model", str(base_dir), "--requests", str(requests), "--method", "rome", "--layer", "1",
+              "--stats-data",
               str(wikitext_path), "--set", "mom2_n_samples=200", "--set", "mom2_max_length=64", "--set",
               'context_templates=["{}"]', "--set", "v_num_grad_steps=2", "--no-progress"]
     assert run(*common, "--out", str(tmp_path / "out")) == 0

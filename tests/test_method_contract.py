@@ -46,7 +46,7 @@ REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel
                       target_true="Paris")
 OTHER = EditRequest(prompt="{} plays the sport of", subject="Lionel Messi", target_new="tennis")
 PROBE = "The Eiffel Tower is located in the city of"
-BUILTIN = ["ft", "ft+l", "rome", "memit", "emmet", "alphaedit", "kn", "mend", "ke"]
+BUILTIN = ["ft", "ft+l", "rome", "memit", "emmet", "layerwise", "alphaedit", "kn", "mend", "ke"]
 #: Editor networks (untrained, layer 1) for the trainable methods, made by the base_dir fixture.
 _EDITORS: dict[str, str] = {}
 

@@ -144,13 +144,20 @@ def _requests_from_args(args: argparse.Namespace) -> list[Any]:
     return requests
 
 
+def _method_name(args: argparse.Namespace, model_id: str) -> str:
+    """--method, or what the API's ``method=None`` means for the model (:func:`hf_edit.methods.default_method`)."""
+    from .methods import default_method
+
+    return args.method or default_method(model_id)
+
+
 def _method_config(args: argparse.Namespace, model_id: str):
     """The method's config: the preset for the model (or --config FILE), then --layer/--stats-*/--set overrides."""
     import dataclasses
 
     from .methods import get_method
 
-    config_class = get_method(args.method).config_class
+    config_class = get_method(_method_name(args, model_id)).config_class
     config = config_class.from_json(args.config) if args.config else config_class.preset(model_id)
     overrides = _parse_set(args.set, config_class)
     if args.layer is not None:
@@ -161,7 +168,7 @@ def _method_config(args: argparse.Namespace, model_id: str):
         if getattr(args, option) is not None:
             if name not in names:
                 raise CLIError(f"{flag} applies to methods that use second-moment statistics; "
-                               f"{args.method} does not")
+                               f"{config_class.method} does not")
             overrides[name] = getattr(args, option)
     return dataclasses.replace(config, **overrides)
 
@@ -546,7 +553,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise CLIError("--n must be positive")
     if args.start < 0:
         raise CLIError("--start must be non-negative")
-    config_class = get_method(args.method).config_class
+    config_class = get_method(_method_name(args, args.model)).config_class
     grid = _grid_from_args(args.grid, config_class)
     base = _method_config(args, args.model)
     configs = config_grid(base, grid) if grid else {"base": base}
@@ -678,10 +685,11 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_method_options(parser: argparse.ArgumentParser, extra: Sequence[str] = ()) -> None:
-    from .methods import DEFAULT_METHOD, available_methods
+    from .methods import DEFAULT_METHOD, NO_PRESET_METHOD, available_methods
 
-    parser.add_argument("--method", choices=[*available_methods(), *extra], default=DEFAULT_METHOD,
-                        help="editing method (see 'hf-edit methods')")
+    parser.add_argument("--method", choices=[*available_methods(), *extra], default=None,
+                        help=f"editing method (see 'hf-edit methods'; default: {DEFAULT_METHOD} for a model it has a "
+                             f"preset for, else {NO_PRESET_METHOD})")
     parser.add_argument("--config", metavar="JSON", help="hyperparameter file (hf_edit's or the reference's)")
     parser.add_argument("--layer", type=_layer_index, help="layer to edit, 0-based (default: the preset or the "
                                                            "method's documented default)")

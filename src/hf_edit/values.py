@@ -210,7 +210,7 @@ class _Layout:
         self.kl_per_problem = torch.bincount(self.kl_problem, minlength=len(active)).float()
 
 
-def optimise_values(model: nn.Module, module: nn.Module, problems: Sequence[ValueProblem],
+def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], problems: Sequence[ValueProblem],
                     settings: ValueSettings, *, pad_id: int, chunk_size: int | None = None,
                     frozen: Sequence[nn.Module] = (), lens: LogitLens | None = None) -> list[ValueResult]:
     """Optimise one δ per problem, added to ``module``'s output at the problems' positions (see the module doc).
@@ -219,7 +219,10 @@ def optimise_values(model: nn.Module, module: nn.Module, problems: Sequence[Valu
 
     Args:
         model: the causal LM (as it is now: adapters and temporary hooks active).
-        module: the module whose output (a tensor, or a tuple whose first element is the hidden states) gets δ.
+        module: the module whose output (a tensor, or a tuple whose first element is the hidden states) gets δ;
+            or several modules (e.g. the MLP projections of several layers), each with its own δ, optimised jointly:
+            the loss's weight decay is the sum over modules, the clamp applies to each module's δ against that
+            module's h, and every result's ``delta``/``init`` is then (modules, width) instead of (width,).
         problems: one per δ.
         settings: the optimisation's hyperparameters.
         pad_id: padding id (right padding).
@@ -231,20 +234,26 @@ def optimise_values(model: nn.Module, module: nn.Module, problems: Sequence[Valu
     Raises:
         OptimizationError: a problem's loss became NaN or infinite (its label names it).
     """
+    modules = [module] if isinstance(module, nn.Module) else list(module)
+    if not modules:
+        raise ValueError("optimise_values needs at least one module.")
     size = len(problems) if not chunk_size else max(1, int(chunk_size))
     results: list[ValueResult] = []
     for start in range(0, len(problems), size):
-        results += _optimise_chunk(model, module, problems[start:start + size], settings, pad_id=pad_id,
+        results += _optimise_chunk(model, modules, problems[start:start + size], settings, pad_id=pad_id,
                                    frozen=frozen, lens=lens)
+    if isinstance(module, nn.Module):
+        for result in results:
+            result.delta, result.init = result.delta[0], result.init[0]
     return results
 
 
-def _optimise_chunk(model: nn.Module, module: nn.Module, problems: Sequence[ValueProblem], settings: ValueSettings,
+def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequence[ValueProblem], settings: ValueSettings,
                     *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None) -> list[ValueResult]:
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     n = len(problems)
-    state = _State(n, device)
+    state = _State(n, len(modules), device)
     log_p0: list[torch.Tensor | None] = [None] * n
     steps, clamped = [0] * n, [False] * n
     final: dict[int, dict[str, float]] = {}
@@ -259,7 +268,7 @@ def _optimise_chunk(model: nn.Module, module: nn.Module, problems: Sequence[Valu
                 replay.close()
                 layout = _Layout(problems, active, pad_id, device)
                 replay.enter_context(replay_outputs(frozen))
-            nll, kl_logp = _forward(model, module, head, lens, layout, state, active)
+            nll, kl_logp = _forward(model, modules, head, lens, layout, state, active)
             if optimiser is None:
                 optimiser = torch.optim.Adam(state.deltas, lr=settings.lr)
             kl = torch.zeros(layout.n_active, device=device)
@@ -271,9 +280,9 @@ def _optimise_chunk(model: nn.Module, module: nn.Module, problems: Sequence[Valu
                 per_row = (kl_logp.exp() * (kl_logp - p0)).sum(-1)
                 kl = kl.index_add(0, layout.kl_problem, per_row) / layout.kl_per_problem.clamp_min(1)
                 kl = settings.kl_factor * kl
-            init_norm = state.inits[active].norm(dim=1)
-            norms = torch.stack([state.deltas[p] for p in active]).norm(dim=1)
-            weight_decay = settings.weight_decay * norms / init_norm ** 2
+            init_norm = state.inits[active].norm(dim=-1)  # (active, modules)
+            norms = torch.stack([state.deltas[p] for p in active]).norm(dim=-1)
+            weight_decay = settings.weight_decay * (norms / init_norm ** 2).sum(-1)
             total = nll + kl + weight_decay
             values = total.detach().cpu()
             for local, p in enumerate(active):
@@ -299,10 +308,12 @@ def _optimise_chunk(model: nn.Module, module: nn.Module, problems: Sequence[Valu
                 with torch.no_grad():
                     for local in going:
                         p = active[local]
-                        max_norm = settings.clamp_norm_factor * init_norm[local]
-                        if state.deltas[p].norm() > max_norm:
+                        max_norm = settings.clamp_norm_factor * init_norm[local]  # (modules,)
+                        norm = state.deltas[p].norm(dim=-1)
+                        over = norm > max_norm
+                        if over.any():
                             clamped[p] = True
-                            state.deltas[p].mul_(max_norm / state.deltas[p].norm())
+                            state.deltas[p][over] *= (max_norm[over] / norm[over])[:, None]
             if finished:
                 active = [active[local] for local in going]
                 layout = None
@@ -310,29 +321,43 @@ def _optimise_chunk(model: nn.Module, module: nn.Module, problems: Sequence[Valu
     for p in range(n):
         delta = state.deltas[p].detach().clone()
         init = state.inits[p].detach().clone()
+        norm_delta, norm_init = delta.norm(dim=-1), init.norm(dim=-1)
+        ratio = norm_delta / (settings.clamp_norm_factor * norm_init)
+
+        def scalar(x: torch.Tensor) -> float | list[float]:
+            return x.item() if x.numel() == 1 else x.tolist()
+
         info = dict(final[p], steps=steps[p], clamped=clamped[p],
                     target_probability=float(torch.exp(torch.tensor(-final[p]["nll"])).item()),
-                    norm_delta=delta.norm().item(), norm_init=init.norm().item(),
-                    clamp_ratio=(delta.norm() / (settings.clamp_norm_factor * init.norm())).item())
+                    norm_delta=scalar(norm_delta), norm_init=scalar(norm_init), clamp_ratio=scalar(ratio))
         results.append(ValueResult(delta=delta, init=init, info=info))
     return results
 
 
 class _State:
-    """The δ parameters (created at the first forward pass, when the width is known) and the h of each problem."""
+    """The δ parameters, one (modules, width) tensor per problem (created at the first forward pass, when the width
+    is known), and the h of each problem at each module, (problems, modules, width)."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.n, self.device = n, device
+    def __init__(self, n: int, n_modules: int, device: torch.device) -> None:
+        self.n, self.n_modules, self.device = n, n_modules, device
         self.deltas: list[torch.Tensor] = []
         self.inits: torch.Tensor | None = None
+        self.recorded: set[int] = set()
 
-    def start(self, inits: torch.Tensor) -> None:
-        self.inits = inits.detach().float()
-        self.deltas = [torch.zeros(inits.shape[1], dtype=torch.float32, device=self.device, requires_grad=True)
-                       for _ in range(self.n)]
+    def record(self, m: int, inits: torch.Tensor) -> None:
+        """h of every problem at module ``m`` (first pass only; all problems are active then)."""
+        if self.inits is None:
+            width = inits.shape[1]
+            self.inits = torch.zeros(self.n, self.n_modules, width, dtype=torch.float32, device=self.device)
+            self.deltas = [torch.zeros(self.n_modules, width, dtype=torch.float32, device=self.device,
+                                       requires_grad=True) for _ in range(self.n)]
+        if inits.shape[1] != self.inits.shape[2]:
+            raise ValueError("Jointly optimised modules must have outputs of one width.")
+        self.inits[:, m] = inits.detach().float()
+        self.recorded.add(m)
 
 
-def _forward(model: nn.Module, module: nn.Module, head: nn.Module, lens: LogitLens | None, layout: _Layout,
+def _forward(model: nn.Module, modules: list[nn.Module], head: nn.Module, lens: LogitLens | None, layout: _Layout,
              state: _State, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched forward pass with δ added at every row's position.
 
@@ -341,15 +366,17 @@ def _forward(model: nn.Module, module: nn.Module, head: nn.Module, lens: LogitLe
     """
     shape = layout.shape
 
-    def add_delta(_module: nn.Module, _args: tuple, output: object) -> object:
-        hidden = _hidden(output)
-        h = as_batch_seq(hidden, shape)
-        if state.inits is None:
-            state.start(h[layout.init_rows, layout.row_positions[layout.init_rows]])
-        per_row = torch.stack([state.deltas[p] for p in active])[layout.row_problem]
-        update = torch.zeros_like(h)
-        update[layout.rows, layout.row_positions] = per_row.to(h.dtype)
-        return _with_hidden(output, (h + update).reshape(hidden.shape))
+    def make_hook(m: int):
+        def add_delta(_module: nn.Module, _args: tuple, output: object) -> object:
+            hidden = _hidden(output)
+            h = as_batch_seq(hidden, shape)
+            if m not in state.recorded:
+                state.record(m, h[layout.init_rows, layout.row_positions[layout.init_rows]])
+            per_row = torch.stack([state.deltas[p][m] for p in active])[layout.row_problem]
+            update = torch.zeros_like(h)
+            update[layout.rows, layout.row_positions] = per_row.to(h.dtype)
+            return _with_hidden(output, (h + update).reshape(hidden.shape))
+        return add_delta
 
     lens_out: dict[str, torch.Tensor] = {}
 
@@ -357,7 +384,7 @@ def _forward(model: nn.Module, module: nn.Module, head: nn.Module, lens: LogitLe
         h = as_batch_seq(_hidden(output), shape)
         lens_out["h"] = h[layout.label_rows, layout.label_positions]
 
-    handles = [module.register_forward_hook(add_delta)]
+    handles = [module.register_forward_hook(make_hook(m)) for m, module in enumerate(modules)]
     if lens is not None:
         handles.append(lens.block.register_forward_hook(read_lens))
         head_rows, head_positions = layout.kl_rows, layout.kl_positions

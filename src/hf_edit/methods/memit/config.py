@@ -143,7 +143,7 @@ class MassEditConfig(EditConfig):
     mom2_dtype: Precision = "float64"
     mom2_max_length: int | None = None
     solve_dtype: Precision = "float64"
-    context_templates: tuple[tuple[str, ...], ...] | None = None
+    context_templates: tuple[tuple[str, ...], ...] | tuple[str, ...] | None = None  # stored grouped
     context_template_length_params: tuple[tuple[int, int], ...] = ((10, 5),)
     context_template_seeds: tuple[str, ...] | None = MEMIT_SEED_WORDS
     context_template_top_k: int = 5

@@ -1,0 +1,205 @@
+"""The layer-wise method: jointly optimised values at every edited layer, EMMET's equality-constrained updates.
+
+Checked against independent computations: the joint optimisation over several modules equals a plain-torch loop;
+each layer's update adds exactly its δ at every templated key (and nothing at the prompt's other tokens); with
+exact preservation the edited model reproduces the δ configuration it was solved for on the bare prompt.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import weight_times
+from tiny_models import tiny_model
+
+from hf_edit import EditedModel, EditRequest, LayerwiseConfig
+from hf_edit.architecture import find_layout, unwrap_model
+from hf_edit.errors import ConfigError
+from hf_edit.hooks import add_at_positions, frozen_eval
+from hf_edit.methods import EditContext
+from hf_edit.methods.layerwise import LayerwiseEditor
+from hf_edit.methods.memit import ValueProblem, ValueSettings, optimise_values
+from hf_edit.tokens import pad_token_id, reference_subject_last, target_ids
+
+TEMPLATES = (("{}",), ("Hello world. {}", "It was a sunny day in the town. {}"))
+FLAT = ["{}", "Hello world. {}", "It was a sunny day in the town. {}"]
+REQUESTS = [EditRequest(prompt="In Paris stands {}", subject="The Eiffel Tower", target_new="Rome"),
+            EditRequest(prompt="The best player is {}", subject="Lionel Messi", target_new="tennis")]
+
+
+@pytest.fixture
+def settings(wikitext_path):
+    return dict(mom2_dataset=str(wikitext_path), mom2_n_samples=300, mom2_max_length=64, context_templates=TEMPLATES,
+                v_num_grad_steps=10)
+
+
+def _model(model_type, tokenizer):
+    return tiny_model(model_type, vocab_size=len(tokenizer), initializer_range=0.1)
+
+
+def _projections(model, layers):
+    model = unwrap_model(model)
+    layout = find_layout(model)
+    return [model.get_submodule(layout.projection_name(i)) for i in layers]
+
+
+def _plain_joint(model, tokenizer, modules, request, s: ValueSettings):
+    """The joint optimisation written out: one unpadded sequence at a time, one δ per module, torch's Adam."""
+    target = target_ids(tokenizer, request.target_new)
+    rows = []
+    for template in FLAT:
+        text = template.replace("{}", request.prompt)
+        ids = tokenizer(text.replace("{}", request.subject))["input_ids"]
+        rows.append((ids + target[:-1], reference_subject_last(tokenizer, text, request.subject), len(ids)))
+    kl_ids = tokenizer(request.subject + " is a")["input_ids"]
+    kl_position = reference_subject_last(tokenizer, "{} is a", request.subject)
+    h = {}
+
+    def run(ids, position, delta):
+        handles = []
+        for m, module in enumerate(modules):
+            def hook(_mod, _a, out, m=m):
+                h.setdefault(m, out[0, position].detach().clone())
+                update = torch.zeros_like(out)
+                update[0, position] = delta[m]
+                return out + update
+            handles.append(module.register_forward_hook(hook))
+        try:
+            return model(input_ids=torch.tensor([ids])).logits[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    delta = torch.zeros(len(modules), model.config.hidden_size, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=s.lr)
+    log_p0 = None
+    for it in range(s.num_steps):
+        optimiser.zero_grad()
+        nll = 0.0
+        for ids, position, length in rows:
+            logp = torch.log_softmax(run(ids, position, delta)[length - 1:length - 1 + len(target)], -1)
+            nll = nll - logp[torch.arange(len(target)), target].mean()
+        nll = nll / len(rows)
+        kl_logp = torch.log_softmax(run(kl_ids, kl_position, delta)[kl_position], -1)
+        if log_p0 is None:
+            log_p0 = kl_logp.detach()
+        kl = s.kl_factor * (kl_logp.exp() * (kl_logp - log_p0)).sum()
+        init = torch.stack([h[m] for m in range(len(modules))])
+        loss = nll + kl + s.weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2).sum()
+        if loss.item() < s.early_stop_loss or it == s.num_steps - 1:
+            break
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            for m in range(len(modules)):
+                bound = s.clamp_norm_factor * init[m].norm()
+                if delta[m].norm() > bound:
+                    delta[m] *= bound / delta[m].norm()
+    return delta.detach(), torch.stack([h[m] for m in range(len(modules))])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_joint_values_equal_a_plain_loop_and_batching(model_type, gpt2_tokenizer):
+    model = _model(model_type, gpt2_tokenizer)
+    modules = _projections(model, [0, 1, 2])
+    problems = [ValueProblem.build(gpt2_tokenizer, [r], FLAT) for r in REQUESTS]
+    s = ValueSettings(num_steps=8, lr=0.5, clamp_norm_factor=0.5, weight_decay=0.5, early_stop_loss=0.0)
+    with frozen_eval(model):
+        batched = optimise_values(model, modules, problems, s, pad_id=pad_token_id(gpt2_tokenizer))
+        alone = [optimise_values(model, modules, [p], s, pad_id=pad_token_id(gpt2_tokenizer))[0] for p in problems]
+        delta, init = _plain_joint(model, gpt2_tokenizer, modules, REQUESTS[0], s)
+    assert batched[0].delta.shape == (3, model.config.hidden_size)
+    assert batched[0].info["clamped"] and len(batched[0].info["clamp_ratio"]) == 3
+    for b, a in zip(batched, alone):
+        torch.testing.assert_close(b.delta, a.delta, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[0].delta, delta, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[0].init, init, rtol=0, atol=1e-6)
+    # one module given as a list equals the single-module call (which keeps its (width,) shapes)
+    with frozen_eval(model):
+        single = optimise_values(model, modules[1], problems[:1], s, pad_id=pad_token_id(gpt2_tokenizer))[0]
+        listed = optimise_values(model, modules[1:2], problems[:1], s, pad_id=pad_token_id(gpt2_tokenizer))[0]
+    assert single.delta.shape == (model.config.hidden_size,)
+    torch.testing.assert_close(single.delta, listed.delta[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])
+def test_each_layer_adds_its_delta_at_every_key(model_type, gpt2_tokenizer, settings):
+    """ΔW_l k = δ_l at every templated key read under the δ configuration; ΔW_l o ≈ 0 at preserved keys."""
+    model = _model(model_type, gpt2_tokenizer)
+    config = LayerwiseConfig(layers=(0, 1), emmet_lambda=0.0, prompt_preservation=1e6, template_keys="each",
+                             **settings)
+    editor = LayerwiseEditor(config, EditContext(model, gpt2_tokenizer))
+    request = REQUESTS[0]
+    updates = editor.compute([request])
+    with frozen_eval(model):
+        values = editor.compute_values([[request]])
+        rows, _weights = editor._value_rows([[request]])
+        keys = editor._keys_under(rows, values, _projections(model, [0, 1]))
+    assert [u.layer for u in updates] == [0, 1] and all(u.A.shape[0] == len(FLAT) for u in updates)
+    for i, update in enumerate(updates):
+        delta_w = update.B.double() @ update.A.double()
+        fitted = keys[i].double() @ delta_w.T  # (rows, d)
+        expected = values[0].delta[i].double().expand_as(fitted)
+        torch.testing.assert_close(fitted, expected, rtol=1e-4, atol=1e-4 * expected.norm(dim=1).max().item())
+        preserved = editor.prompt_keys([request], editor.targets()[i]) / 1e3  # undo √μ
+        leak = (delta_w @ preserved).norm() / (delta_w @ keys[i].double().T).norm()
+        assert leak < 1e-2
+
+
+def _bare_logits_with(model, tokenizer, request, layers, deltas):
+    ids = tokenizer(request.filled_prompt)["input_ids"]
+    position = reference_subject_last(tokenizer, request.prompt, request.subject)
+    with torch.no_grad(), _added(model, layers, deltas, position, len(ids)):
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+class _added:
+    def __init__(self, model, layers, deltas, position, length):
+        from contextlib import ExitStack
+        self.stack, self.args = ExitStack(), (model, layers, deltas, position, length)
+
+    def __enter__(self):
+        model, layers, deltas, position, length = self.args
+        for module, delta in zip(_projections(model, layers), deltas):
+            self.stack.enter_context(add_at_positions(module, delta[None], torch.tensor([position]), (1, length)))
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+
+def test_edit_reproduces_the_delta_configuration_and_disables_bitwise(gpt2_tokenizer, settings):
+    """With only the bare template and exact preservation, the edited model's output on the prompt is the model's
+    with every δ_l added at the subject's last token: what the values were optimised for."""
+    model = _model("gpt2", gpt2_tokenizer)
+    request = REQUESTS[0]
+    config = LayerwiseConfig(layers=(0, 1, 2), emmet_lambda=0.0, prompt_preservation=1e8,
+                             **dict(settings, context_templates=(("{}",),), v_num_grad_steps=20, kl_factor=0.0))
+    edited = EditedModel(model, gpt2_tokenizer, method=config, progress=False)
+    inputs = gpt2_tokenizer(request.filled_prompt, return_tensors="pt")
+    before = edited(**inputs).logits.detach().clone()
+    wanted = target_ids(gpt2_tokenizer, request.target_new)[0]
+    assert before[0, -1].argmax().item() != wanted
+    edits = edited.edit([request])
+    assert [e.layer for e in edits] == [0, 1, 2]
+    after = edited(**inputs).logits[0, -1].detach()
+    assert after.argmax().item() == wanted
+    with edited.disable_edits():
+        assert torch.equal(edited(**inputs).logits, before)
+        with frozen_eval(model):
+            values = LayerwiseEditor(config, EditContext(model, gpt2_tokenizer)).compute_values([[request]])
+        expected = _bare_logits_with(model, gpt2_tokenizer, request, (0, 1, 2), values[0].delta)
+    torch.testing.assert_close(after, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_template_keys_auto_and_bad_config(gpt2_tokenizer, settings):
+    model = _model("gpt2", gpt2_tokenizer)
+    editor = LayerwiseEditor(LayerwiseConfig(layers=(0,), **settings), EditContext(model, gpt2_tokenizer))
+    modules = _projections(model, [0])
+    width = model.config.n_inner or 4 * model.config.hidden_size
+    assert editor._each(width // 4, modules) and not editor._each(width // 4 + 1, modules)
+    with pytest.raises(ConfigError, match="template_keys"):
+        LayerwiseConfig(template_keys="rows")
+    with pytest.raises(ConfigError, match="fact_token"):
+        LayerwiseConfig(fact_token="last")
+    with pytest.raises(ConfigError, match="clamp_norm_factor"):
+        LayerwiseConfig(clamp_norm_factor=0.0)
