@@ -22,19 +22,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import CF_FACTS, COUNTERFACT  # noqa: E402
+import torch
+from _shared import CF_FACTS, COUNTERFACT
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from hf_edit import EditRequest  # noqa: E402
-from hf_edit.architecture import find_layout  # noqa: E402
-from hf_edit.hooks import add_at_positions, frozen_eval  # noqa: E402
-from hf_edit.methods.memit.config import MEMIT_SEED_WORDS  # noqa: E402
-from hf_edit.methods.memit.templates import flatten_templates, sample_grouped_templates  # noqa: E402
-from hf_edit.templates import encode_templated, fact_position  # noqa: E402
-from hf_edit.tokens import pad_token_id  # noqa: E402
-from hf_edit.values import ValueProblem, ValueSettings, optimise_values  # noqa: E402
+from hf_edit import EditRequest
+from hf_edit.architecture import find_layout
+from hf_edit.hooks import add_at_positions, frozen_eval
+from hf_edit.methods.memit.config import MEMIT_SEED_WORDS
+from hf_edit.methods.memit.templates import flatten_templates, sample_grouped_templates
+from hf_edit.templates import encode_templated, fact_position
+from hf_edit.tokens import pad_token_id
+from hf_edit.values import ValueProblem, ValueSettings, optimise_values
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ValueSettings(num_steps=40, lr=0.5, clamp_norm_factor=20.0, kl_factor=0.0, weight_decay=0.0,

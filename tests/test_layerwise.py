@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import weight_times
 from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, LayerwiseConfig
