@@ -48,14 +48,14 @@ from _shared import COUNTERFACT, WIKITEXT, fact_model_path
 from bench_rome import peak_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_edit import AlphaEditConfig, EditedModel, EMMETConfig, MEMITConfig
+from hf_edit import AlphaEditConfig, EditedModel, EMMETConfig, LayerwiseConfig, MEMITConfig
 from hf_edit.evaluation import counterfact_case_metrics, counterfact_nlls, load_eval_data, summarize
 from hf_edit.evaluation.perplexity import perplexity, token_windows
 from hf_edit.methods import EditContext
 from hf_edit.methods.memit import MEMITEditor
 from hf_edit.methods.memit.solve import null_space
 
-CONFIGS = {"memit": MEMITConfig, "emmet": EMMETConfig, "alphaedit": AlphaEditConfig}
+CONFIGS = {"memit": MEMITConfig, "emmet": EMMETConfig, "alphaedit": AlphaEditConfig, "layerwise": LayerwiseConfig}
 
 
 def load(threads: int):
@@ -188,7 +188,7 @@ SMALL_MODEL_RECIPE = {
 def quality_configs(args) -> list[tuple[str, str, dict]]:
     reference = dict(clamp_norm_factor=0.75, mom2_update_weight=20000.0, v_loss_layer=None)
     configs = [("memit", "hf_edit default", {}), ("emmet", "hf_edit default", {}),
-               ("alphaedit", "hf_edit default", {})]
+               ("alphaedit", "hf_edit default", {}), ("layerwise", "hf_edit default", {})]
     if args.recipe:
         configs += [(m, "small-model recipe", dict(o)) for m, o in SMALL_MODEL_RECIPE.items()]
     if args.reference:
@@ -213,10 +213,11 @@ def bench_quality(args, model, tok) -> dict:
         edits = edited.edit([c.request for c in cases], method=config)
         seconds = time.perf_counter() - start
         after = score(edited.model, tok, cases)
-        z = edits[0].info["z"]
+        z = edits[0].info.get("z") or edits[0].info["values"]  # layer-wise: a δ per layer, clamp ratio per layer
         row = dict(method=method, label=label, layers=list(config.resolved_for(model).layers), **after,
                    seconds=seconds, z_target_probability=statistics.mean(x["target_probability"] for x in z),
-                   z_on_clamp=sum(x["clamp_ratio"] > 0.999 for x in z) / len(z),
+                   z_on_clamp=sum(max(x["clamp_ratio"] if isinstance(x["clamp_ratio"], list) else [x["clamp_ratio"]])
+                                  > 0.999 for x in z) / len(z),
                    fit=[round(e.info["fit"], 3) for e in edits],
                    relative_norm=[round(e.info["relative_norm"], 3) for e in edits],
                    config={k: v for k, v in config.to_dict().items() if k in overrides or k in (

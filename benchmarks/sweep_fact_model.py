@@ -10,7 +10,8 @@ named candidates on a whole split (run several in parallel processes: each write
 gathers everything under ``benchmarks/results/`` into ``sweep_fact_model.json`` and ``sweep_fact_model.md``.
 
 Every candidate is edited with the single protocol on ``../shared/data/models/cf-facts-gpt2`` with second-moment
-statistics from WikiText-2 (2,000 texts).  Candidates named ``proto …`` use the editor prototypes of
+statistics from WikiText-2 (2,000 texts).  "default" is ROME at layer n // 3, what such a model got before;
+"layerwise …" is the layer-wise method, what it gets now.  Candidates named ``proto …`` use the editor prototypes of
 ``benchmarks/diagnose_fact_model.py`` (``method="rome-proto"``: ROME with ``preserve``/``through``), i.e. changes of
 ROME's editor that hf_edit does not ship yet; the others are plain configs of the registered methods.
 """
@@ -69,6 +70,8 @@ def _layerwise(**overrides: Any):
 CANDIDATES: dict[str, Any] = {
     "default": lambda: _rome(),
     "layerwise default": lambda: _layerwise(),
+    "layerwise clamp2": lambda: _layerwise(clamp_norm_factor=2.0),
+    "layerwise clamp4": lambda: _layerwise(clamp_norm_factor=4.0),
     "layerwise L0-3": lambda: _layerwise(layers=(0, 1, 2, 3)),
     "layerwise mean keys": lambda: _layerwise(template_keys="mean"),
     "layerwise no preservation": lambda: _layerwise(prompt_preservation=0.0),
@@ -161,12 +164,12 @@ def report(results: Path) -> None:
                 continue
             for entry in SweepResult.from_json(path).entries:
                 entries[entry.name] = entry
-    lines = ["# ROME defaults on the CounterFact fact model (cf-facts-gpt2)", "",
+    lines = ["# Defaults for a model without a preset, on the CounterFact fact model (cf-facts-gpt2)", "",
              ("Single protocol, statistics from WikiText-2 (2,000 texts); failed edits scored as the unedited model. "
               "Dev = CounterFact-subset cases 0–449, test = 450–899. Goal: S ≥ 85, ES ≥ 95, PS ≥ 80, NS ≥ 85."), ""]
     if screen is not None:
         lines += [f"## Screen: first {screen.data.get('n')} dev cases", "", screen.markdown(), ""]
-    lines += ["## Dev and test (all 450 cases of each split)", "",
+    lines += ["## Dev and test (the n column: cases of the split evaluated)", "",
               "| candidate | split | S | ES | PS | NS | n | failed | cases/s | meets goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     cell = lambda s, m: (f"{s[m]['mean']:.1f} ± {s[m]['stderr']:.1f}" if m in s and s[m].get("stderr") is not None
                          and not math.isnan(s[m]["stderr"]) else f"{s[m]['mean']:.1f}" if m in s else "-")
