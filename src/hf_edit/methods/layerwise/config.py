@@ -24,9 +24,12 @@ class LayerwiseConfig(EMMETConfig):
     own equality constraint (``template_keys="each"``) and the keys of the prompt's other tokens are kept
     (``prompt_preservation``).
 
-    The defaults were chosen on the CounterFact fact model (``benchmarks/bench_layerwise.py``; README "Layer-wise
-    values"): the reference's clamp of 0.75 and weight decay keep δ far too small there, so the clamp is 4 (as
-    EMMET's and AlphaEdit's Llama presets) and the weight decay 0; 40 optimisation steps.
+    The defaults were chosen on the CounterFact fact model (``benchmarks/bench_layerwise.py`` and
+    ``benchmarks/sweep_fact_model.py``; README "A default for models without a preset"): the reference's clamp of
+    0.75 and weight decay keep δ far too small there, so the clamp is 4 (as EMMET's and AlphaEdit's Llama presets)
+    and the weight decay 0; 40 optimisation steps.  ``clamp_norm_factor=2`` trades edit success for neighbourhood
+    preservation at the same score.  Meant for single edits and small batches: with hundreds of requests in one call
+    the exact constraints make large, interfering updates (use MEMIT, EMMET or AlphaEdit there).
 
     Args:
         template_keys: ``"each"``: every templated prompt's key is a constraint with the same δ (rank = number of
