@@ -69,10 +69,11 @@ def _layerwise(**overrides: Any):
 #: (ROME at layer n // 3 = 2); "layerwise default" is what it gets now.
 CANDIDATES: dict[str, Any] = {
     "default": lambda: _rome(),
-    "layerwise default": lambda: _layerwise(),
-    "layerwise clamp2": lambda: _layerwise(clamp_norm_factor=2.0),
-    "layerwise clamp4": lambda: _layerwise(clamp_norm_factor=4.0),
-    "layerwise L0-3": lambda: _layerwise(layers=(0, 1, 2, 3)),
+    "layerwise default": lambda: _layerwise(),  # layers 0-3, clamp 2
+    "layerwise L0-3 clamp2": lambda: _layerwise(layers=(0, 1, 2, 3), clamp_norm_factor=2.0),
+    "layerwise L0-2 clamp4": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=4.0),
+    "layerwise L0-2 clamp2": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=2.0),
+    "layerwise L0-3": lambda: _layerwise(layers=(0, 1, 2, 3), clamp_norm_factor=4.0),
     "layerwise mean keys": lambda: _layerwise(template_keys="mean"),
     "layerwise no preservation": lambda: _layerwise(prompt_preservation=0.0),
     "rome L0": lambda: _rome(layers=(0,)),
