@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hf_edit.architecture import base_layer
-from hf_edit.tokens import reference_subject_last
+from hf_edit.tokens import reference_subject_last, target_ids
 
 
 def module_io_at(model: nn.Module, module: nn.Module, ids: list[int], position: int) -> tuple[torch.Tensor, ...]:
@@ -34,6 +34,20 @@ def reference_key(model, tokenizer, module, template: str, prompt: str, subject:
     text = filled_template.replace("{}", subject)
     ids = tokenizer(text)["input_ids"]
     return module_io_at(model, module, ids, position)
+
+
+def reference_value_rows(tokenizer, request, templates: list[str]) -> tuple[list[int], list[tuple], list[int], int]:
+    """The v*/z rows of one request as the reference builds them, one unpadded sequence each: the target ids, then
+    (template + prompt + target without its last token, subject's last position, prompt length) per template, and
+    the KL row "<subject> is a" with its subject position."""
+    target = target_ids(tokenizer, request.target_new)
+    rows = []
+    for template in templates:
+        text = template.replace("{}", request.prompt)
+        ids = tokenizer(text.replace("{}", request.subject))["input_ids"]
+        rows.append((ids + target[:-1], reference_subject_last(tokenizer, text, request.subject), len(ids)))
+    kl_ids = tokenizer(request.subject + " is a")["input_ids"]
+    return target, rows, kl_ids, reference_subject_last(tokenizer, "{} is a", request.subject)
 
 
 def weight_times(module: nn.Module, key: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import reference_value_rows
 from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, LayerwiseConfig
@@ -44,14 +45,7 @@ def _projections(model, layers):
 
 def _plain_joint(model, tokenizer, modules, request, s: ValueSettings):
     """The joint optimisation written out: one unpadded sequence at a time, one δ per module, torch's Adam."""
-    target = target_ids(tokenizer, request.target_new)
-    rows = []
-    for template in FLAT:
-        text = template.replace("{}", request.prompt)
-        ids = tokenizer(text.replace("{}", request.subject))["input_ids"]
-        rows.append((ids + target[:-1], reference_subject_last(tokenizer, text, request.subject), len(ids)))
-    kl_ids = tokenizer(request.subject + " is a")["input_ids"]
-    kl_position = reference_subject_last(tokenizer, "{} is a", request.subject)
+    target, rows, kl_ids, kl_position = reference_value_rows(tokenizer, request, FLAT)
     h = {}
 
     def run(ids, position, delta):
@@ -132,7 +126,7 @@ def test_each_layer_adds_its_delta_at_every_key(model_type, gpt2_tokenizer, sett
     updates = editor.compute([request])
     with frozen_eval(model):
         values = editor.compute_values([[request]])
-        rows, _weights = editor._value_rows([[request]])
+        rows, _weights, _bare = editor._key_rows([[request]])
         keys = editor._keys_under(rows, values, _projections(model, [0, 1]))
     assert [u.layer for u in updates] == [0, 1] and all(u.A.shape[0] == len(FLAT) for u in updates)
     for i, update in enumerate(updates):
@@ -193,9 +187,9 @@ def test_edit_reproduces_the_delta_configuration_and_disables_bitwise(gpt2_token
 def test_template_keys_auto_and_bad_config(gpt2_tokenizer, settings):
     model = _model("gpt2", gpt2_tokenizer)
     editor = LayerwiseEditor(LayerwiseConfig(layers=(0,), **settings), EditContext(model, gpt2_tokenizer))
-    modules = _projections(model, [0])
+    targets = editor.targets()
     width = model.config.n_inner or 4 * model.config.hidden_size
-    assert editor._each(width // 4, modules) and not editor._each(width // 4 + 1, modules)
+    assert editor._each(width // 4, targets) and not editor._each(width // 4 + 1, targets)
     with pytest.raises(ConfigError, match="template_keys"):
         LayerwiseConfig(template_keys="rows")
     with pytest.raises(ConfigError, match="fact_token"):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import module_io_at, reference_key
+from helpers import module_io_at, reference_key, reference_value_rows
 from tiny_models import tiny_model
 
 from hf_edit import EditedModel, EditRequest, EMMETConfig, MEMITConfig
@@ -92,14 +92,7 @@ def test_key_weighting_halves_the_bare_prompt(gpt2_tokenizer, settings):
 
 def _independent_z(model, tokenizer, block, request, s: ValueSettings):
     """compute_z for one request, one unpadded sequence at a time, with plain hooks and torch's Adam."""
-    target = target_ids(tokenizer, request.target_new)
-    rows = []
-    for template in FLAT:
-        text = template.replace("{}", request.prompt)
-        ids = tokenizer(text.replace("{}", request.subject))["input_ids"]
-        rows.append((ids + target[:-1], reference_subject_last(tokenizer, text, request.subject), len(ids)))
-    kl_ids = tokenizer(request.subject + " is a")["input_ids"]
-    kl_position = reference_subject_last(tokenizer, "{} is a", request.subject)
+    target, rows, kl_ids, kl_position = reference_value_rows(tokenizer, request, FLAT)
     seen = {}
 
     def run(ids, position, delta):

@@ -10,8 +10,8 @@
 from .base import EditConfig, EditContext, Editor, StatisticsProvider, Update, match_preset
 from .registry import (
     DEFAULT_METHOD,
-    NO_PRESET_METHOD,
     ENTRY_POINT_GROUP,
+    NO_PRESET_METHOD,
     MethodEntry,
     available_methods,
     config_from_dict,
@@ -25,10 +25,10 @@ from .registry import (
 from . import alphaedit, emmet, ft, ke, kn, layerwise, memit, mend, rome  # noqa: E402,F401  isort: skip
 from .alphaedit import AlphaEditConfig, AlphaEditEditor  # noqa: E402
 from .emmet import EMMETConfig, EMMETEditor  # noqa: E402
-from .layerwise import LayerwiseConfig, LayerwiseEditor  # noqa: E402
 from .ft import FTConfig, FTEditor, FTLConfig  # noqa: E402
 from .ke import KEConfig, KEEditor  # noqa: E402
 from .kn import KNConfig, KNEditor  # noqa: E402
+from .layerwise import LayerwiseConfig, LayerwiseEditor  # noqa: E402
 from .memit import MEMITConfig, MEMITEditor  # noqa: E402
 from .mend import MENDConfig, MENDEditor  # noqa: E402
 from .rome import ROMEConfig, ROMEEditor  # noqa: E402

@@ -26,8 +26,7 @@ from contextlib import ExitStack
 
 import torch
 
-from ...architecture import find_layout, unwrap_model
-from ...errors import OptimizationError
+from ...architecture import EditTarget, find_layout, unwrap_model
 from ...hooks import add_at_positions, frozen_eval
 from ...requests import EditRequest
 from ...tokens import pad_token_id
@@ -54,15 +53,7 @@ class LayerwiseEditor(EMMETEditor):
             OptimizationError: NaN/inf in the value optimisation or the closed form.
             StatisticsMismatchError: explicit statistics of another module or model.
         """
-        requests = list(requests)
-        units = self.group_requests(requests)
-        targets = self.targets()
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        templates = self.templates
-        timings["templates"] = time.perf_counter() - clock
-        stats = [self.stats_for(t) for t in targets]
-        self.before_batch(targets, stats, units)
+        requests, units, targets, stats, timings = self.begin_batch(requests)
         model = unwrap_model(self.model)
         modules = [model.get_submodule(t.name) for t in targets]
         with frozen_eval(self.model):
@@ -70,10 +61,10 @@ class LayerwiseEditor(EMMETEditor):
             results = self.compute_values(units)
             timings["values"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            rows, weights = self._value_rows(units)
+            rows, weights, _bare = self._key_rows(units)
             keys = self._keys_under(rows, results, modules)
             timings["keys"] = time.perf_counter() - clock
-        each = self._each(len(rows.ids), modules)
+        each = self._each(len(rows.ids), targets)
         updates: list[Update] = []
         for i, (target, module) in enumerate(zip(targets, modules)):
             clock = time.perf_counter()
@@ -84,19 +75,10 @@ class LayerwiseEditor(EMMETEditor):
             else:
                 K = (weights @ keys[i].double()).T.contiguous()  # (d_in, n_units)
                 R = deltas.T.contiguous()
-            preserved = self.prompt_keys(requests, target)
-            A, B, solve_info = self.solve_layer(i, target, stats[i], K, R, preserved=preserved)
+            update = self.layer_update(i, target, stats[i], K, R, 1.0, requests, len(units), module)
+            update.info["template_keys"] = "each" if each else "mean"
             timings[f"solve_{target.layer}"] = time.perf_counter() - clock
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise OptimizationError(
-                    f"The layer-wise update of {target.name} is not finite; nothing was applied. Check the statistics "
-                    "(more texts) and the hyperparameters (a larger emmet_lambda).")
-            A, B = A.float(), B.float()
-            info = self._layer_info(i, 1.0, stats[i], K, R, R, A, B, module, solve_info, templates,
-                                    len(requests), len(units))
-            info["template_keys"] = "each" if each else "mean"
-            updates.append(Update(module=target.name, A=A.cpu(), B=B.cpu(), requests=tuple(requests),
-                                  layer=target.layer, info=info, stackable=True))
+            updates.append(update)
         updates[0].info["values"] = [dict(r.info, subject=u[0].subject, requests=len(u))
                                      for r, u in zip(results, units)]
         updates[0].info["timings"] = timings
@@ -113,11 +95,6 @@ class LayerwiseEditor(EMMETEditor):
         return optimise_values(self.model, modules, problems, self.value_settings(),
                                pad_id=pad_token_id(self.tokenizer), chunk_size=self.config.z_batch_size,
                                frozen=blocks[:targets[0].layer])
-
-    def _value_rows(self, units: list[list[EditRequest]]) -> tuple[PositionedRows, torch.Tensor]:
-        """Every unit's templated prompts (MEMIT's key rows) and MEMIT's averaging weights over them."""
-        rows, weights, _bare = self._key_rows(units)
-        return rows, weights
 
     def _keys_under(self, rows: PositionedRows, results: list[ValueResult],
                     modules: list[torch.nn.Module]) -> list[torch.Tensor]:
@@ -140,10 +117,10 @@ class LayerwiseEditor(EMMETEditor):
                 parts[i].append(seen[str(i)])
         return [torch.cat(p) for p in parts]
 
-    def _each(self, n_rows: int, modules: list[torch.nn.Module]) -> bool:
+    def _each(self, n_rows: int, targets: list[EditTarget]) -> bool:
+        """Whether every templated key is its own constraint (``template_keys``; ``"auto"``: while the batch's
+        keys stay within a quarter of the narrowest projection input)."""
         mode = self.config.template_keys
         if mode != "auto":
             return mode == "each"
-        width = min(int(getattr(m, "in_features", 0) or getattr(m, "nx", 0) or
-                        next(m.parameters()).shape[-1]) for m in modules)
-        return n_rows <= width // 4
+        return n_rows <= min(t.in_features for t in targets) // 4

@@ -218,15 +218,7 @@ class MassEditor(Editor):
             OptimizationError: NaN/inf in the z optimisation or the closed form.
             StatisticsMismatchError: explicit statistics of another module or model.
         """
-        requests = list(requests)
-        units = self.group_requests(requests)
-        targets = self.targets()
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        templates = self.templates
-        timings["templates"] = time.perf_counter() - clock
-        stats = [self.stats_for(t) for t in targets]
-        self.before_batch(targets, stats, units)
+        requests, units, targets, stats, timings = self.begin_batch(requests)
         model = unwrap_model(self.model)
         block = self.block(targets[-1].layer)
         updates: list[Update] = []
@@ -242,23 +234,13 @@ class MassEditor(Editor):
                     K = keys[target.name]  # (d_in, n)
                     R = (Z - H).T  # (d, n)
                     share = 1.0 / (len(targets) - i)
-                    R_l = R * share
                     timings[f"keys_{target.layer}"] = time.perf_counter() - clock
                     clock = time.perf_counter()
-                    preserved = self.prompt_keys(requests, target)
-                    A, B, solve_info = self.solve_layer(i, target, stats[i], K, R_l, preserved=preserved)
-                    timings[f"solve_{target.layer}"] = time.perf_counter() - clock
-                    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                        raise OptimizationError(
-                            f"The {self.config_class.label or 'closed-form'} update of {target.name} is not finite; "
-                            "nothing was applied. Check the statistics (more texts) and the hyperparameters.")
-                    A, B = A.float(), B.float()
                     module = model.get_submodule(target.name)
-                    info = self._layer_info(i, share, stats[i], K, R, R_l, A, B, module, solve_info, templates,
-                                            len(requests), len(units))
-                    updates.append(Update(module=target.name, A=A.cpu(), B=B.cpu(), requests=tuple(requests),
-                                          layer=target.layer, info=info, stackable=True))
-                    applied.enter_context(add_low_rank(module, A, B))
+                    update = self.layer_update(i, target, stats[i], K, R, share, requests, len(units), module)
+                    timings[f"solve_{target.layer}"] = time.perf_counter() - clock
+                    updates.append(update)
+                    applied.enter_context(add_low_rank(module, update.A, update.B))
                 clock = time.perf_counter()
                 extra = self.finish(targets, units, updates)
                 if extra:
@@ -266,6 +248,41 @@ class MassEditor(Editor):
         updates[0].info["z"] = [dict(r.info, subject=u[0].subject, requests=len(u)) for r, u in zip(results, units)]
         updates[0].info["timings"] = timings
         return updates
+
+    def begin_batch(self, requests: Sequence[EditRequest]) -> tuple[
+            list[EditRequest], list[list[EditRequest]], list[EditTarget], list[SecondMomentStats], dict[str, float]]:
+        """What every ``compute`` of the family starts with: the requests, their key units (:meth:`group_requests`),
+        the edited targets, their statistics and the timings so far (the templates, sampled on first use);
+        :meth:`before_batch` has been called."""
+        requests = list(requests)
+        units = self.group_requests(requests)
+        targets = self.targets()
+        clock = time.perf_counter()
+        _ = self.templates
+        timings = {"templates": time.perf_counter() - clock}
+        stats = [self.stats_for(t) for t in targets]
+        self.before_batch(targets, stats, units)
+        return requests, units, targets, stats, timings
+
+    def layer_update(self, i: int, target: EditTarget, stats: SecondMomentStats, K: torch.Tensor, R: torch.Tensor,
+                     share: float, requests: Sequence[EditRequest], n_units: int, module: nn.Module) -> Update:
+        """Layer ``i``'s update for keys K (d_in, n) and the residual share·R (d, n), the keys of the requests'
+        prompts preserved (``prompt_preservation``), with its diagnostics.
+
+        Raises:
+            OptimizationError: the closed form is not finite.
+        """
+        R_l = R * share
+        A, B, solve_info = self.solve_layer(i, target, stats, K, R_l, preserved=self.prompt_keys(requests, target))
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise OptimizationError(
+                f"The {self.config_class.label or 'closed-form'} update of {target.name} is not finite; "
+                "nothing was applied. Check the statistics (more texts) and the hyperparameters.")
+        A, B = A.float(), B.float()
+        info = self._layer_info(i, share, stats, K, R, R_l, A, B, module, solve_info, self.templates,
+                                len(requests), n_units)
+        return Update(module=target.name, A=A.cpu(), B=B.cpu(), requests=tuple(requests), layer=target.layer,
+                      info=info, stackable=True)
 
     def _layer_info(self, i: int, share: float, stats: SecondMomentStats, K: torch.Tensor, R: torch.Tensor,
                     R_l: torch.Tensor, A: torch.Tensor, B: torch.Tensor, module: nn.Module,
