@@ -216,8 +216,7 @@ def bench_quality(args, model, tok) -> dict:
         z = edits[0].info.get("z") or edits[0].info["values"]  # layer-wise: a δ per layer, clamp ratio per layer
         row = dict(method=method, label=label, layers=list(config.resolved_for(model).layers), **after,
                    seconds=seconds, z_target_probability=statistics.mean(x["target_probability"] for x in z),
-                   z_on_clamp=sum(max(x["clamp_ratio"] if isinstance(x["clamp_ratio"], list) else [x["clamp_ratio"]])
-                                  > 0.999 for x in z) / len(z),
+                   z_on_clamp=sum(torch.tensor(x["clamp_ratio"]).max().item() > 0.999 for x in z) / len(z),
                    fit=[round(e.info["fit"], 3) for e in edits],
                    relative_norm=[round(e.info["relative_norm"], 3) for e in edits],
                    config={k: v for k, v in config.to_dict().items() if k in overrides or k in (

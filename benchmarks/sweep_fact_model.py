@@ -69,10 +69,17 @@ def _layerwise(**overrides: Any):
 #: (ROME at layer n // 3 = 2); "layerwise default" is what it gets now.
 CANDIDATES: dict[str, Any] = {
     "default": lambda: _rome(),
-    "layerwise default": lambda: _layerwise(),  # layers 0-3, clamp 2
-    "layerwise L0-3 clamp2": lambda: _layerwise(layers=(0, 1, 2, 3), clamp_norm_factor=2.0),
-    "layerwise L0-2 clamp4": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=4.0),
-    "layerwise L0-2 clamp2": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=2.0),
+    "layerwise default": lambda: _layerwise(),  # layers 0-3, clamp 1.25, a value at every subject token
+    "layerwise L0-3 clamp2": lambda: _layerwise(layers=(0, 1, 2, 3), clamp_norm_factor=2.0, value_tokens="fact"),
+    "layerwise L0-2 clamp4": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=4.0, value_tokens="fact"),
+    "layerwise L0-2 clamp2": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=2.0, value_tokens="fact"),
+    "layerwise subject L0-2": lambda: _layerwise(layers=(0, 1, 2)),
+    "layerwise subject clamp1": lambda: _layerwise(clamp_norm_factor=1.0),
+    "layerwise subject clamp2": lambda: _layerwise(clamp_norm_factor=2.0),
+    "layerwise subject clamp1.25": lambda: _layerwise(clamp_norm_factor=1.25),
+    "layerwise subject clamp1.5": lambda: _layerwise(clamp_norm_factor=1.5),
+    "layerwise subject kl0.5": lambda: _layerwise(kl_factor=0.5),
+    "layerwise subject clamp4": lambda: _layerwise(clamp_norm_factor=4.0),
     "layerwise L0-3": lambda: _layerwise(layers=(0, 1, 2, 3), clamp_norm_factor=4.0),
     "layerwise mean keys": lambda: _layerwise(template_keys="mean"),
     "layerwise no preservation": lambda: _layerwise(prompt_preservation=0.0),

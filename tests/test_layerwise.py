@@ -7,6 +7,8 @@ exact preservation the edited model reproduces the δ configuration it was solve
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 from helpers import reference_value_rows
@@ -43,18 +45,37 @@ def _projections(model, layers):
     return [model.get_submodule(layout.projection_name(i)) for i in layers]
 
 
-def _plain_joint(model, tokenizer, modules, request, s: ValueSettings):
-    """The joint optimisation written out: one unpadded sequence at a time, one δ per module, torch's Adam."""
+def _subject_tokens(tokenizer, text: str, subject: str) -> list[int]:
+    """Positions of the tokens covering the subject's last occurrence in ``text``, last first (from offsets)."""
+    start = text.rindex(subject)
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < start + len(subject) and b > start]
+    return covering[::-1]
+
+
+def _plain_joint(model, tokenizer, modules, request, s: ValueSettings, subject_tokens: bool = False):
+    """The joint optimisation written out: one unpadded sequence at a time, one δ per module (and per subject token
+    counted from the last, with ``subject_tokens``), torch's Adam."""
     target, rows, kl_ids, kl_position = reference_value_rows(tokenizer, request, FLAT)
+    if subject_tokens:
+        texts = [t.replace("{}", request.prompt).replace("{}", request.subject) for t in FLAT]
+        rows = [(ids, _subject_tokens(tokenizer, text, request.subject), length)
+                for (ids, _p, length), text in zip(rows, texts)]
+        kl_positions = _subject_tokens(tokenizer, request.subject + " is a", request.subject)
+    else:
+        rows = [(ids, [position], length) for ids, position, length in rows]
+        kl_positions = [kl_position]
+    n_slots = max(len(p) for _ids, p, _l in rows + [(None, kl_positions, None)])
     h = {}
 
-    def run(ids, position, delta):
+    def run(ids, positions, delta):
         handles = []
         for m, module in enumerate(modules):
             def hook(_mod, _a, out, m=m):
-                h.setdefault(m, out[0, position].detach().clone())
                 update = torch.zeros_like(out)
-                update[0, position] = delta[m]
+                for slot, position in enumerate(positions):
+                    h.setdefault((m, slot), out[0, position].detach().clone())
+                    update[0, position] = delta[m, slot]
                 return out + update
             handles.append(module.register_forward_hook(hook))
         try:
@@ -63,32 +84,36 @@ def _plain_joint(model, tokenizer, modules, request, s: ValueSettings):
             for handle in handles:
                 handle.remove()
 
-    delta = torch.zeros(len(modules), model.config.hidden_size, requires_grad=True)
+    delta = torch.zeros(len(modules), n_slots, model.config.hidden_size, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=s.lr)
     log_p0 = None
     for it in range(s.num_steps):
         optimiser.zero_grad()
         nll = 0.0
-        for ids, position, length in rows:
-            logp = torch.log_softmax(run(ids, position, delta)[length - 1:length - 1 + len(target)], -1)
+        for ids, positions, length in rows:
+            logp = torch.log_softmax(run(ids, positions, delta)[length - 1:length - 1 + len(target)], -1)
             nll = nll - logp[torch.arange(len(target)), target].mean()
         nll = nll / len(rows)
-        kl_logp = torch.log_softmax(run(kl_ids, kl_position, delta)[kl_position], -1)
+        kl_logp = torch.log_softmax(run(kl_ids, kl_positions, delta)[kl_positions[0]], -1)
         if log_p0 is None:
             log_p0 = kl_logp.detach()
         kl = s.kl_factor * (kl_logp.exp() * (kl_logp - log_p0)).sum()
-        init = torch.stack([h[m] for m in range(len(modules))])
-        loss = nll + kl + s.weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2).sum()
+        init = torch.stack([torch.stack([h[m, k] for k in range(n_slots)]) for m in range(len(modules))])
+        loss = nll + kl + s.weight_decay * (delta.norm(dim=-1) / init.norm(dim=-1) ** 2).sum()
         if loss.item() < s.early_stop_loss or it == s.num_steps - 1:
             break
         loss.backward()
         optimiser.step()
         with torch.no_grad():
             for m in range(len(modules)):
-                bound = s.clamp_norm_factor * init[m].norm()
-                if delta[m].norm() > bound:
-                    delta[m] *= bound / delta[m].norm()
-    return delta.detach(), torch.stack([h[m] for m in range(len(modules))])
+                for k in range(n_slots):
+                    bound = s.clamp_norm_factor * init[m, k].norm()
+                    if delta[m, k].norm() > bound:
+                        delta[m, k] *= bound / delta[m, k].norm()
+    init = torch.stack([torch.stack([h[m, k] for k in range(n_slots)]) for m in range(len(modules))])
+    if n_slots == 1:
+        return delta.detach()[:, 0], init[:, 0]
+    return delta.detach(), init
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -115,57 +140,74 @@ def test_joint_values_equal_a_plain_loop_and_batching(model_type, gpt2_tokenizer
     torch.testing.assert_close(single.delta, listed.delta[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])
-def test_each_layer_adds_its_delta_at_every_key(model_type, gpt2_tokenizer, settings):
-    """ΔW_l k = δ_l at every templated key read under the δ configuration; ΔW_l o ≈ 0 at preserved keys."""
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_one_value_per_subject_token_equals_a_plain_loop(model_type, gpt2_tokenizer):
+    """``fact_token="subject"``: one δ per module and subject token (counted from the last; the subject splits into
+    different numbers of tokens after different templates), each clamped against its own h."""
+    model = _model(model_type, gpt2_tokenizer)
+    modules = _projections(model, [0, 1])
+    problems = [ValueProblem.build(gpt2_tokenizer, [r], FLAT, "subject") for r in REQUESTS]
+    assert problems[0].n_slots > 1
+    s = ValueSettings(num_steps=8, lr=0.5, clamp_norm_factor=0.5, weight_decay=0.5, early_stop_loss=0.0)
+    with frozen_eval(model):
+        batched = optimise_values(model, modules, problems, s, pad_id=pad_token_id(gpt2_tokenizer))
+        alone = optimise_values(model, modules, problems[:1], s, pad_id=pad_token_id(gpt2_tokenizer))[0]
+        delta, init = _plain_joint(model, gpt2_tokenizer, modules, REQUESTS[0], s, subject_tokens=True)
+    assert batched[0].delta.shape == (2, problems[0].n_slots, model.config.hidden_size)
+    torch.testing.assert_close(batched[0].delta, delta, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[0].init, init, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[0].delta, alone.delta, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,value_tokens", [("gpt2", "subject"), ("llama", "subject"),
+                                                    ("gpt_neox", "subject"), ("gpt2", "fact")])
+def test_each_layer_adds_its_delta_at_every_key(model_type, value_tokens, gpt2_tokenizer, settings):
+    """ΔW_l k = δ_{l,s} at every templated key (every value token s) read under the δ configuration; ΔW_l o ≈ 0 at
+    preserved keys."""
     model = _model(model_type, gpt2_tokenizer)
     config = LayerwiseConfig(layers=(0, 1), emmet_lambda=0.0, prompt_preservation=1e6, template_keys="each",
-                             **settings)
+                             value_tokens=value_tokens, **settings)
     editor = LayerwiseEditor(config, EditContext(model, gpt2_tokenizer))
     request = REQUESTS[0]
     updates = editor.compute([request])
     with frozen_eval(model):
         values = editor.compute_values([[request]])
-        rows, _weights, _bare = editor._key_rows([[request]])
-        keys = editor._keys_under(rows, values, _projections(model, [0, 1]))
-    assert [u.layer for u in updates] == [0, 1] and all(u.A.shape[0] == len(FLAT) for u in updates)
+        keys = editor.read_keys([[request]], values, _projections(model, [0, 1]))
+    texts = [t.replace("{}", request.prompt).replace("{}", request.subject) for t in FLAT]
+    n_tokens = [len(_subject_tokens(gpt2_tokenizer, text, request.subject)) for text in texts]
+    assert keys.n_rows == (sum(n_tokens) if value_tokens == "subject" else len(FLAT))
+    assert [u.layer for u in updates] == [0, 1] and all(u.A.shape[0] == keys.n_rows for u in updates)
     for i, update in enumerate(updates):
         delta_w = update.B.double() @ update.A.double()
-        fitted = keys[i].double() @ delta_w.T  # (rows, d)
-        expected = values[0].delta[i].double().expand_as(fitted)
+        fitted = keys.inputs[i].double() @ delta_w.T  # (rows, d)
+        expected = torch.stack([keys.value(values[0].delta, i, slot) for slot in keys.slot_of]).double()
         torch.testing.assert_close(fitted, expected, rtol=1e-4, atol=1e-4 * expected.norm(dim=1).max().item())
         preserved = editor.prompt_keys([request], editor.targets()[i]) / 1e3  # undo √μ
-        leak = (delta_w @ preserved).norm() / (delta_w @ keys[i].double().T).norm()
+        leak = (delta_w @ preserved).norm() / (delta_w @ keys.inputs[i].double().T).norm()
         assert leak < 1e-2
 
 
 def _bare_logits_with(model, tokenizer, request, layers, deltas):
+    """The model's last logits on the bare prompt with δ[l] (or δ[l, s] at the subject's s-th token from the last)
+    added at layer l's MLP output."""
     ids = tokenizer(request.filled_prompt)["input_ids"]
-    position = reference_subject_last(tokenizer, request.prompt, request.subject)
-    with torch.no_grad(), _added(model, layers, deltas, position, len(ids)):
+    positions = _subject_tokens(tokenizer, request.filled_prompt, request.subject)
+    assert positions[0] == reference_subject_last(tokenizer, request.prompt, request.subject)
+    with torch.no_grad(), ExitStack() as added:
+        for module, delta in zip(_projections(model, layers), deltas):
+            per_token = delta[None] if delta.dim() == 1 else delta[:len(positions)]
+            added.enter_context(add_at_positions(module, per_token, torch.tensor(positions[:len(per_token)]),
+                                                 (1, len(ids)), rows=torch.zeros(len(per_token), dtype=torch.long)))
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
-class _added:
-    def __init__(self, model, layers, deltas, position, length):
-        from contextlib import ExitStack
-        self.stack, self.args = ExitStack(), (model, layers, deltas, position, length)
-
-    def __enter__(self):
-        model, layers, deltas, position, length = self.args
-        for module, delta in zip(_projections(model, layers), deltas):
-            self.stack.enter_context(add_at_positions(module, delta[None], torch.tensor([position]), (1, length)))
-
-    def __exit__(self, *exc):
-        self.stack.close()
-
-
-def test_edit_reproduces_the_delta_configuration_and_disables_bitwise(gpt2_tokenizer, settings):
+@pytest.mark.parametrize("value_tokens", ["subject", "fact"])
+def test_edit_reproduces_the_delta_configuration_and_disables_bitwise(value_tokens, gpt2_tokenizer, settings):
     """With only the bare template and exact preservation, the edited model's output on the prompt is the model's
-    with every δ_l added at the subject's last token: what the values were optimised for."""
+    with every δ added at the subject's tokens (or its last token): what the values were optimised for."""
     model = _model("gpt2", gpt2_tokenizer)
     request = REQUESTS[0]
-    config = LayerwiseConfig(layers=(0, 1, 2), emmet_lambda=0.0, prompt_preservation=1e8,
+    config = LayerwiseConfig(layers=(0, 1, 2), emmet_lambda=0.0, prompt_preservation=1e8, value_tokens=value_tokens,
                              **dict(settings, context_templates=(("{}",),), v_num_grad_steps=20, kl_factor=0.0))
     edited = EditedModel(model, gpt2_tokenizer, method=config, progress=False)
     inputs = gpt2_tokenizer(request.filled_prompt, return_tensors="pt")
@@ -192,6 +234,8 @@ def test_template_keys_auto_and_bad_config(gpt2_tokenizer, settings):
     assert editor._each(width // 4, targets) and not editor._each(width // 4 + 1, targets)
     with pytest.raises(ConfigError, match="template_keys"):
         LayerwiseConfig(template_keys="rows")
+    with pytest.raises(ConfigError, match="value_tokens"):
+        LayerwiseConfig(value_tokens="all")
     with pytest.raises(ConfigError, match="fact_token"):
         LayerwiseConfig(fact_token="last")
     with pytest.raises(ConfigError, match="clamp_norm_factor"):

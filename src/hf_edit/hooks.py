@@ -95,12 +95,13 @@ def capture(module: nn.Module, batch_shape: tuple[int, int], *, detach: bool = T
 
 @contextmanager
 def add_at_positions(module: nn.Module, delta: torch.Tensor, positions: torch.Tensor,
-                     batch_shape: tuple[int, int]) -> Iterator[None]:
-    """Add ``delta`` to the module's output at ``(row, positions[row])`` for every row of the batch.
+                     batch_shape: tuple[int, int], rows: torch.Tensor | None = None) -> Iterator[None]:
+    """Add ``delta`` to the module's output at ``(row, positions[row])`` for every row of the batch, or with
+    ``rows`` at ``(rows[i], positions[i])`` (``delta[i]`` each; the pairs must be distinct).
 
     The addition is out of place, so autograd reaches ``delta``; ``delta`` is cast to the output's dtype.
     """
-    rows = torch.arange(len(positions))
+    rows = torch.arange(len(positions)) if rows is None else rows
 
     def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
         out = as_batch_seq(output, batch_shape)

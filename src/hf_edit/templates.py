@@ -20,7 +20,8 @@ from .hooks import kv_cache_arguments
 from .requests import EditRequest
 from .tokens import Encoded, encode_with_subject
 
-__all__ = ["BARE_TEMPLATE", "sample_context_templates", "normalise_templates", "encode_templated", "fact_position"]
+__all__ = ["BARE_TEMPLATE", "sample_context_templates", "normalise_templates", "encode_templated", "fact_position",
+           "value_positions"]
 
 BARE_TEMPLATE = "{}"
 
@@ -118,3 +119,11 @@ def fact_position(encoded: Encoded, fact_token: str, length: int | None = None) 
     if fact_token == "subject_first_after_last":
         return min(encoded.subject_last + 1, length - 1)
     return length - 1
+
+
+def value_positions(encoded: Encoded, fact_token: str) -> tuple[int, ...]:
+    """Where a value is written: ``(fact_position,)`` for a fact token, or with ``fact_token="subject"`` every
+    token of the subject, last first (slot 0 is the subject's last token, slot 1 the one before, …)."""
+    if fact_token == "subject":
+        return tuple(range(encoded.subject_last, encoded.subject_first - 1, -1))
+    return (fact_position(encoded, fact_token),)

@@ -49,7 +49,7 @@ from torch import nn
 from .errors import OptimizationError
 from .hooks import as_batch_seq, only_positions, replay_outputs
 from .requests import EditRequest
-from .templates import encode_templated, fact_position
+from .templates import encode_templated, value_positions
 from .tokens import encode_with_subject, pad_batch, target_ids
 
 __all__ = ["LogitLens", "ValueProblem", "ValueResult", "ValueSettings", "optimise_values"]
@@ -80,20 +80,24 @@ class ValueSettings:
 class ValueProblem:
     """The rows of one δ.
 
+    A problem has one δ per *slot*.  Usually there is one slot, and each row names one position; a row may instead
+    name a tuple of positions, one per slot (slot 0 first; e.g. every subject token, last first), and rows may
+    have fewer slots than others.  The problem has as many slots as its longest tuple.
+
     Attributes:
         rows: rewriting rows: context ids followed by the target's ids without the last one.
-        positions: where δ is added in each rewriting row.
+        positions: where δ is added in each rewriting row: a position, or one position per slot.
         targets: each row's target ids; the row's last ``len(targets[r])`` positions predict them.
-        kl_rows: rows of the KL term (ids); δ is added at ``kl_positions`` and the distribution read there.
-        kl_positions: one position per KL row.
+        kl_rows: rows of the KL term (ids); δ is added at ``kl_positions`` and the distribution read at slot 0's.
+        kl_positions: the position(s) of each KL row.
         label: a name for messages (e.g. the subject).
     """
 
     rows: tuple[tuple[int, ...], ...]
-    positions: tuple[int, ...]
+    positions: tuple[int | tuple[int, ...], ...]
     targets: tuple[tuple[int, ...], ...]
     kl_rows: tuple[tuple[int, ...], ...] = ()
-    kl_positions: tuple[int, ...] = ()
+    kl_positions: tuple[int | tuple[int, ...], ...] = ()
     label: str = ""
 
     def __post_init__(self) -> None:
@@ -104,24 +108,40 @@ class ValueProblem:
         for row, target in zip(self.rows, self.targets):
             if not target or len(row) < len(target):
                 raise ValueError("Every rewriting row must end with its target's ids but the last one.")
+        if any(not _slots(p) for p in (*self.positions, *self.kl_positions)):
+            raise ValueError("A row's tuple of positions must not be empty.")
+
+    @property
+    def n_slots(self) -> int:
+        """How many δ this problem has per module."""
+        return max(len(_slots(p)) for p in (*self.positions, *self.kl_positions))
 
     @classmethod
     def build(cls, tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str],
               fact_token: str = "subject_last") -> ValueProblem:
         """The reference's rows for ``requests`` (normally one; several that share a subject for MEMIT-Merge):
         every template with every request's prompt and target, and one KL row ``"<subject> is a"`` (the first
-        request's subject).  δ goes at the fact token of each row."""
+        request's subject).  δ goes at the fact token of each row; with ``fact_token="subject"`` one δ per subject
+        token, counted from the last (:func:`~hf_edit.templates.value_positions`)."""
         rows, positions, targets = [], [], []
         for request in requests:
             target = target_ids(tokenizer, request.target_new)
             for template in templates:
                 encoded = encode_templated(tokenizer, template, request)
                 rows.append(tuple(encoded.ids + target[:-1]))
-                positions.append(fact_position(encoded, fact_token))
+                positions.append(_one_or_slots(value_positions(encoded, fact_token)))
                 targets.append(tuple(target))
         kl = encode_with_subject(tokenizer, "", requests[0].subject, " is a")
         return cls(rows=tuple(rows), positions=tuple(positions), targets=tuple(targets), kl_rows=(tuple(kl.ids),),
-                   kl_positions=(fact_position(kl, fact_token),), label=requests[0].subject)
+                   kl_positions=(_one_or_slots(value_positions(kl, fact_token)),), label=requests[0].subject)
+
+
+def _slots(position: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(position) if isinstance(position, (tuple, list)) else (int(position),)
+
+
+def _one_or_slots(positions: tuple[int, ...]) -> int | tuple[int, ...]:
+    return positions[0] if len(positions) == 1 else positions
 
 
 @dataclass
@@ -129,8 +149,9 @@ class ValueResult:
     """The optimised δ of one problem.
 
     Attributes:
-        delta: δ, (width,), float32.
-        init: h, the module's output at the first row's position before δ, (width,), float32.
+        delta: δ, (width,), float32; with several modules (modules, width); with several slots a (slots,)
+            dimension before the width, e.g. (modules, slots, width).
+        init: h, the module's output at the first row's position (of each slot) before δ, shaped like ``delta``.
         info: steps (forward passes), loss, nll, kl, weight_decay, target_probability (e^−NLL), clamped (whether
             any step was clamped), norm_delta, norm_init, clamp_ratio (‖δ‖ / (clamp_norm_factor · ‖h‖): 1 means
             the δ ended on the clamp's sphere).
@@ -169,28 +190,42 @@ def _with_hidden(output: object, hidden: torch.Tensor) -> object:
 
 
 class _Layout:
-    """The batch of the active problems: ids, where δ goes, which logits are read, and how they map back."""
+    """The batch of the active problems: ids, where δ goes, which logits are read, and how they map back.
+
+    δ entries: the active problems' δ rows of one module, concatenated problem after problem and slot after slot,
+    are added at ``(entry_rows, entry_positions)`` from row ``entry_index``; h is recorded at ``init_*`` (the first
+    row that has the slot)."""
 
     def __init__(self, problems: Sequence[ValueProblem], active: Sequence[int], pad_id: int,
                  device: torch.device) -> None:
         rewrite, kl = [], []
         for local, p in enumerate(active):
             problem = problems[p]
-            rewrite += [(local, row, pos, tgt) for row, pos, tgt in
+            rewrite += [(local, row, _slots(pos), tgt) for row, pos, tgt in
                         zip(problem.rows, problem.positions, problem.targets)]
-            kl += [(local, row, pos) for row, pos in zip(problem.kl_rows, problem.kl_positions)]
+            kl += [(local, row, _slots(pos)) for row, pos in zip(problem.kl_rows, problem.kl_positions)]
         ids = [r[1] for r in rewrite] + [k[1] for k in kl]
         self.inputs = pad_batch(ids, pad_id, device)
         self.shape = tuple(self.inputs["input_ids"].shape)
         self.n_active = len(active)
         self.n_rewrite = len(rewrite)
         self.row_problem = torch.tensor([r[0] for r in rewrite] + [k[0] for k in kl], device=device)
-        self.row_positions = torch.tensor([r[2] for r in rewrite] + [k[2] for k in kl], device=device)
-        self.rows = torch.arange(len(ids), device=device)
-        first_row = {}
-        for index, (local, *_rest) in enumerate(rewrite):
-            first_row.setdefault(local, index)
-        self.init_rows = torch.tensor([first_row[i] for i in range(len(active))], device=device)
+        self.row_positions = torch.tensor([r[2][0] for r in rewrite] + [k[2][0] for k in kl], device=device)
+        self.n_slots = [problems[p].n_slots for p in active]
+        offsets = [sum(self.n_slots[:local]) for local in range(len(active))]
+        entry_rows, entry_positions, entry_index, first = [], [], [], {}
+        for index, (local, _ids, slots, *_rest) in enumerate(rewrite + kl):
+            for slot, position in enumerate(slots):
+                entry_rows.append(index)
+                entry_positions.append(position)
+                entry_index.append(offsets[local] + slot)
+                first.setdefault(offsets[local] + slot, (index, position))
+        self.entry_rows = torch.tensor(entry_rows, device=device)
+        self.entry_positions = torch.tensor(entry_positions, device=device)
+        self.entry_index = torch.tensor(entry_index, device=device)
+        order = sorted(first)
+        self.init_rows = torch.tensor([first[i][0] for i in order], device=device)
+        self.init_positions = torch.tensor([first[i][1] for i in order], device=device)
         label_rows, label_pos, label_ids = [], [], []
         for index, (_local, row, _pos, target) in enumerate(rewrite):
             start = len(row) - len(target) + 1  # the row holds target[:-1]; position start-1+i predicts target[i]
@@ -223,7 +258,8 @@ def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], p
             or several modules (e.g. the MLP projections of several layers), each with its own δ, optimised jointly:
             the loss's weight decay is the sum over modules, the clamp applies to each module's δ against that
             module's h, and every result's ``delta``/``init`` is then (modules, width) instead of (width,).
-        problems: one per δ.
+        problems: one per δ (per module and slot: a problem whose rows name several positions has one δ per
+            slot, each clamped against its own h and summed in the weight decay).
         settings: the optimisation's hyperparameters.
         pad_id: padding id (right padding).
         chunk_size: problems optimised together (``None``: all).
@@ -241,19 +277,17 @@ def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], p
     results: list[ValueResult] = []
     for start in range(0, len(problems), size):
         results += _optimise_chunk(model, modules, problems[start:start + size], settings, pad_id=pad_id,
-                                   frozen=frozen, lens=lens)
-    if isinstance(module, nn.Module):
-        for result in results:
-            result.delta, result.init = result.delta[0], result.init[0]
+                                   frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module))
     return results
 
 
 def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequence[ValueProblem], settings: ValueSettings,
-                    *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None) -> list[ValueResult]:
+                    *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None,
+                    one_module: bool) -> list[ValueResult]:
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     n = len(problems)
-    state = _State(n, len(modules), device)
+    state = _State([p.n_slots for p in problems], len(modules), device)
     log_p0: list[torch.Tensor | None] = [None] * n
     steps, clamped = [0] * n, [False] * n
     final: dict[int, dict[str, float]] = {}
@@ -280,9 +314,9 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
                 per_row = (kl_logp.exp() * (kl_logp - p0)).sum(-1)
                 kl = kl.index_add(0, layout.kl_problem, per_row) / layout.kl_per_problem.clamp_min(1)
                 kl = settings.kl_factor * kl
-            init_norm = state.inits[active].norm(dim=-1)  # (active, modules)
-            norms = torch.stack([state.deltas[p] for p in active]).norm(dim=-1)
-            weight_decay = settings.weight_decay * (norms / init_norm ** 2).sum(-1)
+            init_norm = [state.inits[p].norm(dim=-1) for p in active]  # (modules, slots) each
+            weight_decay = settings.weight_decay * torch.stack(
+                [(state.deltas[p].norm(dim=-1) / init_norm[local] ** 2).sum() for local, p in enumerate(active)])
             total = nll + kl + weight_decay
             values = total.detach().cpu()
             for local, p in enumerate(active):
@@ -308,7 +342,7 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
                 with torch.no_grad():
                     for local in going:
                         p = active[local]
-                        max_norm = settings.clamp_norm_factor * init_norm[local]  # (modules,)
+                        max_norm = settings.clamp_norm_factor * init_norm[local]  # (modules, slots)
                         norm = state.deltas[p].norm(dim=-1)
                         over = norm > max_norm
                         if over.any():
@@ -319,8 +353,12 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
                 layout = None
     results = []
     for p in range(n):
-        delta = state.deltas[p].detach().clone()
+        delta = state.deltas[p].detach().clone()  # (modules, slots, width)
         init = state.inits[p].detach().clone()
+        if problems[p].n_slots == 1:
+            delta, init = delta[:, 0], init[:, 0]
+        if one_module:
+            delta, init = delta[0], init[0]
         norm_delta, norm_init = delta.norm(dim=-1), init.norm(dim=-1)
         ratio = norm_delta / (settings.clamp_norm_factor * norm_init)
 
@@ -335,25 +373,29 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
 
 
 class _State:
-    """The δ parameters, one (modules, width) tensor per problem (created at the first forward pass, when the width
-    is known), and the h of each problem at each module, (problems, modules, width)."""
+    """The δ parameters, one (modules, slots, width) tensor per problem (created at the first forward pass, when the
+    width is known), and the h of each problem at each module and slot, shaped alike."""
 
-    def __init__(self, n: int, n_modules: int, device: torch.device) -> None:
-        self.n, self.n_modules, self.device = n, n_modules, device
+    def __init__(self, n_slots: Sequence[int], n_modules: int, device: torch.device) -> None:
+        self.n_slots, self.n_modules, self.device = list(n_slots), n_modules, device
         self.deltas: list[torch.Tensor] = []
-        self.inits: torch.Tensor | None = None
+        self.inits: list[torch.Tensor] = []
+        self.width: int | None = None
         self.recorded: set[int] = set()
 
     def record(self, m: int, inits: torch.Tensor) -> None:
-        """h of every problem at module ``m`` (first pass only; all problems are active then)."""
-        if self.inits is None:
-            width = inits.shape[1]
-            self.inits = torch.zeros(self.n, self.n_modules, width, dtype=torch.float32, device=self.device)
-            self.deltas = [torch.zeros(self.n_modules, width, dtype=torch.float32, device=self.device,
-                                       requires_grad=True) for _ in range(self.n)]
-        if inits.shape[1] != self.inits.shape[2]:
+        """h of every problem and slot at module ``m``, (Σ slots, width) (first pass only; all problems are active
+        then)."""
+        if self.width is None:
+            self.width = inits.shape[1]
+            self.inits = [torch.zeros(self.n_modules, s, self.width, dtype=torch.float32, device=self.device)
+                          for s in self.n_slots]
+            self.deltas = [torch.zeros(self.n_modules, s, self.width, dtype=torch.float32, device=self.device,
+                                       requires_grad=True) for s in self.n_slots]
+        if inits.shape[1] != self.width:
             raise ValueError("Jointly optimised modules must have outputs of one width.")
-        self.inits[:, m] = inits.detach().float()
+        for p, part in enumerate(inits.detach().float().split(self.n_slots)):
+            self.inits[p][m] = part
         self.recorded.add(m)
 
 
@@ -371,10 +413,10 @@ def _forward(model: nn.Module, modules: list[nn.Module], head: nn.Module, lens: 
             hidden = _hidden(output)
             h = as_batch_seq(hidden, shape)
             if m not in state.recorded:
-                state.record(m, h[layout.init_rows, layout.row_positions[layout.init_rows]])
-            per_row = torch.stack([state.deltas[p][m] for p in active])[layout.row_problem]
+                state.record(m, h[layout.init_rows, layout.init_positions])
+            per_entry = torch.cat([state.deltas[p][m] for p in active])[layout.entry_index]
             update = torch.zeros_like(h)
-            update[layout.rows, layout.row_positions] = per_row.to(h.dtype)
+            update[layout.entry_rows, layout.entry_positions] = per_entry.to(h.dtype)
             return _with_hidden(output, (h + update).reshape(hidden.shape))
         return add_delta
 

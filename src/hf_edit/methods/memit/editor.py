@@ -35,8 +35,8 @@ from ...errors import ConfigError, InvalidRequestError, OptimizationError, Stati
 from ...hooks import add_low_rank, frozen_eval
 from ...requests import EditRequest
 from ...stats import SecondMomentStats, model_fingerprint
-from ...templates import BARE_TEMPLATE
-from ...tokens import encode_with_subject, pad_token_id
+from ...templates import BARE_TEMPLATE, value_positions
+from ...tokens import Encoded, encode_with_subject, pad_token_id
 from ...values import LogitLens, ValueProblem, ValueResult, ValueSettings, optimise_values
 from ..base import EditContext, Editor, Update
 from .config import MassEditConfig, MEMITConfig
@@ -320,20 +320,30 @@ class MassEditor(Editor):
         model = unwrap_model(self.model)
         return model.get_submodule(f"{find_layout(model).layers}.{layer}")
 
+    def value_token(self) -> str:
+        """Where values are written and keys read: the config's ``fact_token`` (a subclass may write at every
+        subject token, ``"subject"``; see :func:`~hf_edit.templates.value_positions`)."""
+        return self.config.fact_token
+
+    def key_texts(self, units: list[list[EditRequest]]) -> list[Encoded]:
+        """Every unit's prompt in every template (unit after unit), plus the bare prompt when no template is bare:
+        the texts whose keys are read."""
+        flat = flatten_templates(self.templates)
+        if BARE_TEMPLATE not in flat:
+            flat = flat + [BARE_TEMPLATE]
+        return [encode_templated(self.tokenizer, template, unit[0]) for unit in units for template in flat]
+
     def _key_rows(self, units: list[list[EditRequest]]) -> tuple[PositionedRows, torch.Tensor, list[int]]:
-        """Rows (unit × template, plus the bare prompt when no template is bare), the averaging weights and the
-        row of each unit's bare prompt."""
+        """Rows (unit × template, plus the bare prompt when no template is bare, see :meth:`key_texts`), the
+        averaging weights and the row of each unit's bare prompt."""
         flat = flatten_templates(self.templates)
         groups = [g for g, group in enumerate(self.templates) for _ in group]
         if BARE_TEMPLATE not in flat:
             flat, groups = flat + [BARE_TEMPLATE], groups + [-1]
         bare = flat.index(BARE_TEMPLATE)
-        ids, positions = [], []
-        for unit in units:
-            for template in flat:
-                encoded = encode_templated(self.tokenizer, template, unit[0])
-                ids.append(tuple(encoded.ids))
-                positions.append(fact_position(encoded, self.config.fact_token))
+        texts = self.key_texts(units)
+        ids = [tuple(encoded.ids) for encoded in texts]
+        positions = [fact_position(encoded, self.config.fact_token) for encoded in texts]
         per_template = len(flat)
         weights = group_weights(len(units), per_template, [g if g >= 0 else 10**9 for g in groups])
         if -1 in groups:  # the added bare row carries no weight
@@ -343,8 +353,9 @@ class MassEditor(Editor):
                                                                         for u in range(len(units))]
 
     def prompt_keys(self, requests: Sequence[EditRequest], target: EditTarget) -> torch.Tensor | None:
-        """√μ · the keys of every token of the requests' bare prompts but the fact token, on the model as it is now
-        (``prompt_preservation`` = μ; ``None`` when μ = 0), as (d_in, m) float64 columns."""
+        """√μ · the keys of every token of the requests' bare prompts but those whose values are written
+        (:meth:`value_token`), on the model as it is now (``prompt_preservation`` = μ; ``None`` when μ = 0), as
+        (d_in, m) float64 columns."""
         mu = self.config.prompt_preservation
         if not mu:
             return None
@@ -356,7 +367,7 @@ class MassEditor(Editor):
         columns = []
         for e, x in zip(encoded, inputs):
             keep = torch.ones(x.shape[0], dtype=torch.bool)
-            keep[fact_position(e, self.config.fact_token)] = False
+            keep[list(value_positions(e, self.value_token()))] = False
             columns.append(x[keep])
         return (torch.cat(columns).double() * mu ** 0.5).T.contiguous()
 
