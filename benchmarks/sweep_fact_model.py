@@ -69,7 +69,8 @@ def _layerwise(**overrides: Any):
 #: (ROME at layer n // 3 = 2); "layerwise default" is what it gets now.
 CANDIDATES: dict[str, Any] = {
     "default": lambda: _rome(),
-    "layerwise default": lambda: _layerwise(),  # layers 0-3, clamp 1.25, a value at every subject token
+    "layerwise default": lambda: _layerwise(),  # layers 0-3, every subject token, clamp 1.25 (then 2, 4)
+    "layerwise no escalation": lambda: _layerwise(clamp_escalation=()),
     "layerwise L0-3 clamp2": lambda: _layerwise(layers=(0, 1, 2, 3), clamp_norm_factor=2.0, value_tokens="fact"),
     "layerwise L0-2 clamp4": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=4.0, value_tokens="fact"),
     "layerwise L0-2 clamp2": lambda: _layerwise(layers=(0, 1, 2), clamp_norm_factor=2.0, value_tokens="fact"),
@@ -195,8 +196,9 @@ def report(results: Path) -> None:
     if breakdown:
         lines += ["", "## Where the edits fail: cases whose true object is written in the subject", "",
                   ("CounterFact cases such as 'Honda Insight is produced by' → Honda: the model can copy the object "
-                   "from the subject's first token, which no edit of the subject's last token removes. Scores "
-                   "(failed edits as unedited) on those cases and on the others:"), "",
+                   "from the subject's first token, which no edit of the subject's last token removes; values at "
+                   "every subject token (the default) recover part of it, at some cost to those cases' neighbours, "
+                   "who share that token. Scores (failed edits as unedited) on those cases and on the others:"), "",
                   "| candidate | split | cases | ES | PS | NS | S |", "|---|---|---|---|---|---|---|"]
         for (name, split, group), s in breakdown.items():
             lines.append(f"| {name} | {split} | {group} ({s['n']}) | {s['ES']:.1f} | {s['PS']:.1f} | {s['NS']:.1f} | "

@@ -8,6 +8,7 @@ exact preservation the edited model reproduces the δ configuration it was solve
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 
 import pytest
 import torch
@@ -226,6 +227,36 @@ def test_edit_reproduces_the_delta_configuration_and_disables_bitwise(value_toke
     torch.testing.assert_close(after, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_clamp_escalation_gives_each_request_the_first_clamp_that_reaches_its_target(gpt2_tokenizer, settings):
+    """Each request's values come from the smallest clamp of [clamp_norm_factor, *clamp_escalation] whose
+    template-averaged target probability reaches the threshold (the largest when none does), and equal an
+    optimisation run with that clamp alone."""
+    model = _model("gpt2", gpt2_tokenizer)
+    ladder = (0.02, 0.2, 2.0)
+    config = LayerwiseConfig(layers=(0, 1), clamp_norm_factor=ladder[0], clamp_escalation=ladder[1:],
+                             escalation_threshold=0.3, kl_factor=0.0, **settings)
+    editor = LayerwiseEditor(config, EditContext(model, gpt2_tokenizer))
+    units = [[r] for r in REQUESTS]
+    with frozen_eval(model):
+        results = editor.compute_values(units)
+        problems = [ValueProblem.build(gpt2_tokenizer, u, FLAT, "subject") for u in units]
+        alone = {f: optimise_values(model, _projections(model, [0, 1]), problems,
+                                    replace(editor.value_settings(), clamp_norm_factor=f),
+                                    pad_id=pad_token_id(gpt2_tokenizer)) for f in ladder}
+    used = []
+    for p, result in enumerate(results):
+        reached = [f for f in ladder if alone[f][p].info["target_probability"] >= 0.3]
+        expected = reached[0] if reached else ladder[-1]
+        used.append(expected)
+        assert result.info["clamp_norm_factor"] == expected
+        torch.testing.assert_close(result.delta, alone[expected][p].delta, rtol=0, atol=1e-5)
+    assert used != [ladder[0]] * len(results)  # the ladder was climbed
+    off = LayerwiseEditor(LayerwiseConfig(layers=(0, 1), clamp_norm_factor=ladder[0], clamp_escalation=(),
+                                          kl_factor=0.0, **settings), EditContext(model, gpt2_tokenizer))
+    with frozen_eval(model):
+        assert all(r.info["clamp_norm_factor"] == ladder[0] for r in off.compute_values(units))
+
+
 def test_template_keys_auto_and_bad_config(gpt2_tokenizer, settings):
     model = _model("gpt2", gpt2_tokenizer)
     editor = LayerwiseEditor(LayerwiseConfig(layers=(0,), **settings), EditContext(model, gpt2_tokenizer))
@@ -236,6 +267,10 @@ def test_template_keys_auto_and_bad_config(gpt2_tokenizer, settings):
         LayerwiseConfig(template_keys="rows")
     with pytest.raises(ConfigError, match="value_tokens"):
         LayerwiseConfig(value_tokens="all")
+    with pytest.raises(ConfigError, match="clamp_escalation"):
+        LayerwiseConfig(clamp_escalation=(4.0, 2.0))
+    with pytest.raises(ConfigError, match="escalation_threshold"):
+        LayerwiseConfig(escalation_threshold=0.0)
     with pytest.raises(ConfigError, match="fact_token"):
         LayerwiseConfig(fact_token="last")
     with pytest.raises(ConfigError, match="clamp_norm_factor"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 
@@ -100,16 +101,30 @@ class LayerwiseEditor(EMMETEditor):
         return "subject" if self.config.value_tokens == "subject" else self.config.fact_token
 
     def compute_values(self, units: list[list[EditRequest]]) -> list[ValueResult]:
-        """δ of every unit at every edited layer's projection output, optimised jointly (``delta``: (L, d))."""
+        """δ of every unit at every edited layer's projection output (and value token), optimised jointly
+        (``delta``: (L, d) or (L, tokens, d)); units whose target stays unlikely are optimised again with the
+        next clamp of ``clamp_escalation``."""
         model = unwrap_model(self.model)
         blocks = list(model.get_submodule(find_layout(model).layers))
         targets = self.targets()
         modules = [model.get_submodule(t.name) for t in targets]
         flat = flatten_templates(self.templates)
         problems = [ValueProblem.build(self.tokenizer, unit, flat, self.value_token()) for unit in units]
-        return optimise_values(self.model, modules, problems, self.value_settings(),
-                               pad_id=pad_token_id(self.tokenizer), chunk_size=self.config.z_batch_size,
-                               frozen=blocks[:targets[0].layer])
+        settings = self.value_settings()
+        results: list[ValueResult | None] = [None] * len(problems)
+        todo = list(range(len(problems)))
+        ladder = [f for f in self.config.clamp_escalation if f > settings.clamp_norm_factor]
+        for factor in (settings.clamp_norm_factor, *ladder):
+            done = optimise_values(self.model, modules, [problems[i] for i in todo],
+                                   replace(settings, clamp_norm_factor=factor), pad_id=pad_token_id(self.tokenizer),
+                                   chunk_size=self.config.z_batch_size, frozen=blocks[:targets[0].layer])
+            for i, result in zip(todo, done):
+                result.info["clamp_norm_factor"] = factor
+                results[i] = result
+            todo = [i for i in todo if results[i].info["target_probability"] < self.config.escalation_threshold]
+            if not todo:
+                break
+        return results  # type: ignore[return-value]
 
     def _each(self, n_rows: int, targets: list[EditTarget]) -> bool:
         """Whether every templated key is its own constraint (``template_keys``; ``"auto"``: while the batch's
