@@ -2,6 +2,7 @@
 edit quality against the number of texts.
 
     python benchmarks/bench_stats.py throughput [--runs 5] [--texts 1000] [--layers 0 1] [--threads 1]
+    python benchmarks/bench_stats.py layers --layers 0 1 2 3 [--runs 3] [--texts 1000] [--threads 1]
     python benchmarks/bench_stats.py accuracy [--texts 2000] [--layers 0 1]
     python benchmarks/bench_stats.py quality [--cases 200] [--samples 100 300 1000 3000 all] [--damping 0 0.01]
     python benchmarks/bench_stats.py key-agreement [--cases 200]
@@ -16,6 +17,9 @@ All on the fact model ``cf-facts-gpt2`` (6 layers, hidden 256, MLP 1024, 64 posi
   3 × n_positions tokens, explicit position ids, the forward pass stopped once the projection has run, a running
   Σ kᵀk of the non-pad keys in the accumulation dtype), on the same texts, interleaved in one process, medians of
   ``--runs`` runs.  Tokens = non-pad key vectors.
+* ``layers``: the statistics of several layers (a MEMIT-family edit's window): the reference-style computation
+  once per layer against hf_edit's one pass for all of them (:func:`hf_edit.stats.load_or_compute_all_stats`,
+  cache writes included), medians of ``--runs`` interleaved runs.
 * ``accuracy``: the statistics of the fast path against an exact float64 computation (float64 keys and products, one
   text at a time): relative error of S and of u = C⁻¹k for CounterFact keys.
 * ``quality``: ROME (layer 0, where causal tracing puts this model's facts) on the first ``--cases`` CounterFact cases
@@ -587,9 +591,62 @@ def run_accuracy(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def run_layers(args: argparse.Namespace) -> None:
+    """The statistics of several layers (a MEMIT-family edit's window): the reference runs ``layer_stats`` once
+    per layer; hf_edit computes the missing ones in one pass (:func:`hf_edit.stats.load_or_compute_all_stats`)."""
+    from hf_edit.architecture import resolve_target
+    from hf_edit.stats import load_or_compute_all_stats, load_or_compute_stats
+
+    model, tokenizer = load_model()
+    max_len = model.config.n_positions
+    texts = sampled_texts(args.texts)
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts})
+    targets = [resolve_target(model, layer) for layer in args.layers]
+
+    def reference(dtype):
+        return lambda: [reference_layer_stats(model, tokenizer, t.name, texts, max_len, dtype) for t in targets]
+
+    def hf_edit(together: bool, dtype: str):
+        def run():
+            with tempfile.TemporaryDirectory() as cache:
+                kwargs = dict(dataset=ds, n_samples=None, dtype=dtype, progress=False, cache_dir=cache)
+                if together:
+                    return load_or_compute_all_stats(model, tokenizer, targets, **kwargs)
+                return [load_or_compute_stats(model, tokenizer, t, **kwargs) for t in targets]
+        return run
+
+    variants = {"reference-style float32, one layer at a time": reference(torch.float32),
+                "reference-style float64, one layer at a time": reference(torch.float64),
+                "hf_edit float64, one layer at a time": hf_edit(False, "float64"),
+                "hf_edit float64, all layers in one pass": hf_edit(True, "float64"),
+                "hf_edit float32, all layers in one pass": hf_edit(True, "float32")}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.runs):  # interleaved
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(v) for name, v in seconds.items()}
+    ref32 = medians["reference-style float32, one layer at a time"]
+    ref64 = medians["reference-style float64, one layer at a time"]
+    print(f"statistics of layers {args.layers} over {args.texts} texts, torch threads {torch.get_num_threads()}, "
+          f"median of {args.runs} interleaved runs")
+    print(f"  {'variant':48s} {'s (median)':>10s} {'× ref f32':>9s} {'× ref f64':>9s}")
+    for name, value in medians.items():
+        print(f"  {name:48s} {value:10.2f} {ref32 / value:9.2f} {ref64 / value:9.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "stats_layers.json").write_text(json.dumps(
+        {"layers": args.layers, "texts": args.texts, "runs": args.runs, "threads": torch.get_num_threads(),
+         "load_average": os.getloadavg(), "seconds": seconds, "median_seconds": medians,
+         "x_reference_float32": {k: ref32 / v for k, v in medians.items()},
+         "x_reference_float64": {k: ref64 / v for k, v in medians.items()}}, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["throughput", "accuracy", "quality", "key-agreement", "plot"])
+    parser.add_argument("what", choices=["throughput", "layers", "accuracy", "quality", "key-agreement", "plot"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--texts", type=int, default=1000)
@@ -607,7 +664,7 @@ def main() -> int:
         os.environ["HF_EDIT_CACHE"] = args.cache
     elif "HF_EDIT_CACHE" not in os.environ:
         os.environ["HF_EDIT_CACHE"] = tempfile.mkdtemp(prefix="bench_stats_")
-    {"throughput": run_throughput, "accuracy": run_accuracy, "quality": run_quality,
+    {"throughput": run_throughput, "layers": run_layers, "accuracy": run_accuracy, "quality": run_quality,
      "key-agreement": run_key_agreement, "plot": run_plot}[args.what](args)
     return 0
 

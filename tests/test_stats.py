@@ -203,6 +203,40 @@ def test_cache_miss_then_hit(gpt2, gpt2_tokenizer, corpus, isolated_cache):
     assert len(stats_files(isolated_cache / "stats")) == 4
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_several_modules_in_one_pass_equal_each_alone(model_type, gpt2_tokenizer, corpus, tmp_path):
+    """load_or_compute_all_stats: the missing modules' statistics come from one pass over the texts (one forward
+    pass per batch, not one per module), each bitwise equal to the module computed alone, with the same cache
+    file; cached ones are read, and the provider's prefetch fills what get() then returns."""
+    from hf_edit.methods.base import StatisticsProvider
+    from hf_edit.stats import load_or_compute_all_stats
+
+    model = tiny_model(model_type, vocab_size=len(gpt2_tokenizer))
+    targets = [resolve_target(model, layer) for layer in (2, 0, 1)]
+    kwargs = dict(dataset=corpus, n_samples=N_SAMPLES, max_length=MAX_LEN, progress=False)
+    alone = [load_or_compute_stats(model, gpt2_tokenizer, t, cache_dir=tmp_path / "alone", **kwargs)
+             for t in targets]
+    calls = forward_counter(model)
+    load_or_compute_stats(model, gpt2_tokenizer, targets[1], cache_dir=tmp_path / "together", **kwargs)
+    one_module = calls[0]
+    calls[0] = 0
+    together = load_or_compute_all_stats(model, gpt2_tokenizer, targets, cache_dir=tmp_path / "together", **kwargs)
+    assert calls[0] == one_module  # layers 2 and 1 computed in one pass; layer 0 was cached
+    assert [s.from_cache for s in together] == [False, True, False]
+    for a, b in zip(alone, together):
+        assert torch.equal(a.mom2_sum, b.mom2_sum) and a.count == b.count and a.metadata == b.metadata
+    assert [f.name for f in stats_files(tmp_path / "alone")] == [f.name for f in stats_files(tmp_path / "together")]
+
+    provider = StatisticsProvider(model, gpt2_tokenizer, progress=False)
+    calls[0] = 0
+    settings = dict(dataset=corpus, n_samples=N_SAMPLES, max_length=MAX_LEN)
+    provider.prefetch(targets, **settings)  # the test's own empty cache
+    assert calls[0] == one_module
+    for a, t in zip(alone, targets):
+        assert torch.equal(provider.get(t, **settings).mom2_sum, a.mom2_sum)
+    assert calls[0] == one_module  # get() found them loaded
+
+
 def test_weight_change_changes_fingerprint_and_misses(gpt2, gpt2_tokenizer, corpus, tmp_path):
     target = resolve_target(gpt2, 1)
     kwargs = dict(dataset=corpus, n_samples=N_SAMPLES, max_length=MAX_LEN, progress=False, cache_dir=tmp_path)

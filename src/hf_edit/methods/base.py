@@ -350,9 +350,7 @@ class StatisticsProvider:
         if explicit is not None:
             explicit.check_compatible(target)
             return explicit
-        dataset_key = dataset if isinstance(dataset, (str, type(None))) else \
-            f"{type(dataset).__name__}:{getattr(dataset, '_fingerprint', id(dataset))}"
-        key = (target.name, dataset_key, n_samples, dtype, max_length)
+        key = self._key(target, dataset, n_samples, dtype, max_length)
         if key not in self._loaded:
             stats: SecondMomentStats = load_or_compute_stats(
                 self.model, self.tokenizer, target, dataset=dataset, n_samples=n_samples, dtype=dtype,
@@ -361,6 +359,33 @@ class StatisticsProvider:
             stats.check_compatible(target)
             self._loaded[key] = stats
         return self._loaded[key]
+
+    def prefetch(self, targets: Sequence[EditTarget], *, dataset: Any, n_samples: int, dtype: str = "float64",
+                 max_length: int | None = None) -> None:
+        """Make the statistics of several modules ready at once (e.g. every layer of a MEMIT edit): those not yet
+        loaded nor given explicitly are read from the cache or computed together, in one pass over the texts
+        (:func:`~hf_edit.stats.load_or_compute_all_stats`); :meth:`get` then returns them."""
+        from ..stats import load_or_compute_all_stats
+
+        if self.explicit is not None:
+            return
+        todo = list({self._key(t, dataset, n_samples, dtype, max_length): t for t in targets
+                     if self._key(t, dataset, n_samples, dtype, max_length) not in self._loaded}.values())
+        if len(todo) < 2:
+            return
+        computed = load_or_compute_all_stats(
+            self.model, self.tokenizer, todo, dataset=dataset, n_samples=n_samples, dtype=dtype,
+            max_length=max_length, base_context=self.base_context, progress=self.progress,
+            model_revision=self.revision)
+        for target, stats in zip(todo, computed):
+            stats.check_compatible(target)
+            self._loaded[self._key(target, dataset, n_samples, dtype, max_length)] = stats
+
+    @staticmethod
+    def _key(target: EditTarget, dataset: Any, n_samples: int, dtype: str, max_length: int | None) -> tuple:
+        dataset_key = dataset if isinstance(dataset, (str, type(None))) else \
+            f"{type(dataset).__name__}:{getattr(dataset, '_fingerprint', id(dataset))}"
+        return (target.name, dataset_key, n_samples, dtype, max_length)
 
     def _explicit_for(self, target: EditTarget) -> SecondMomentStats | None:
         from ..stats import SecondMomentStats

@@ -16,6 +16,7 @@ from .compute import (
     GRAM_BLOCK,
     GramSum,
     compute_second_moment,
+    load_or_compute_all_stats,
     load_or_compute_stats,
     stats_cache_dir,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "compute_second_moment",
     "file_sha256",
     "init_distributed",
+    "load_or_compute_all_stats",
     "load_or_compute_stats",
     "looks_like_local_path",
     "model_fingerprint",

@@ -35,7 +35,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from .texts import (
 )
 
 __all__ = ["DEFAULT_BATCH_TOKENS", "GRAM_BLOCK", "GramSum", "compute_second_moment", "load_or_compute_stats",
+           "load_or_compute_all_stats",
            "stats_cache_dir"]
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,8 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
     group = current_group()
     texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
                                   model_revision, product_dtype, stream_oversample, None)
-    return _accumulate(group, model, tokenizer, target, texts, description, batch_tokens=batch_tokens,
-                       base_context=base_context, progress=progress)
+    return _accumulate(group, model, tokenizer, [target], texts, [description], batch_tokens=batch_tokens,
+                       base_context=base_context, progress=progress)[0]
 
 
 def load_or_compute_stats(model: nn.Module, tokenizer: Any, target: EditTarget, *, dataset: Any,
@@ -152,31 +153,63 @@ def load_or_compute_stats(model: nn.Module, tokenizer: Any, target: EditTarget, 
         StatisticsError: another process failed (nothing is cached), or the processes were given different
             arguments.
     """
+    return load_or_compute_all_stats(
+        model, tokenizer, [target], dataset=dataset, n_samples=n_samples, dtype=dtype, max_length=max_length,
+        batch_tokens=batch_tokens, cache_dir=cache_dir, base_context=base_context, progress=progress, seed=seed,
+        model_revision=model_revision, product_dtype=product_dtype, stream_oversample=stream_oversample)[0]
+
+
+def load_or_compute_all_stats(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], *, dataset: Any,
+                              n_samples: int | None, dtype: str = "float64", max_length: int | None = None,
+                              batch_tokens: int | None = None, cache_dir: str | os.PathLike | None = None,
+                              base_context: Callable[[], AbstractContextManager] | None = None,
+                              progress: bool = True, seed: int = 1, model_revision: str | None = None,
+                              product_dtype: str | None = None,
+                              stream_oversample: int = STREAM_OVERSAMPLE) -> list[SecondMomentStats]:
+    """:func:`load_or_compute_stats` for several modules (e.g. the layers of a MEMIT edit) with the same settings:
+    those in the cache are read, and all the others are computed **together**, in one pass over the texts whose
+    forward passes stop once the deepest of them has run.  Each result and each cache file equals what
+    :func:`load_or_compute_stats` gives for that module alone (the same keys, products and additions).
+
+    Raises:
+        The errors of :func:`load_or_compute_stats`.
+    """
     group = current_group()
     folder = Path(cache_dir).expanduser() if cache_dir is not None else stats_cache_dir()
-    texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
-                                  model_revision, product_dtype, stream_oversample, folder)
-    key = _cache_key(description)
-    path = folder / _cache_name(target.name, key)
-    exists = path.exists() if group is None or group.is_main else None
-    if group is not None:
-        exists = group.from_main(exists)  # one decision for all processes
-    if exists:
-        logger.info("Loading cached second-moment statistics from %s.", path)
-        stats = SecondMomentStats.load(path, expected_key=key)
-        stats.from_cache = True
-        return stats
-    stats = _accumulate(group, model, tokenizer, target, texts, description, batch_tokens=batch_tokens,
-                        base_context=base_context, progress=progress)
-    if group is None:
-        stats.save(path, key=key)
-    else:
-        _, error = attempt(lambda: stats.save(path, key=key)) if group.is_main else (None, None)
-        group.check_main(error, f"writing {path}")
-        if not group.is_main:
+    results: list[SecondMomentStats | None] = [None] * len(targets)
+    missing: list[tuple[int, SampledTexts, dict[str, Any], Path]] = []
+    for i, target in enumerate(targets):
+        texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
+                                      model_revision, product_dtype, stream_oversample, folder)
+        key = _cache_key(description)
+        path = folder / _cache_name(target.name, key)
+        exists = path.exists() if group is None or group.is_main else None
+        if group is not None:
+            exists = group.from_main(exists)  # one decision for all processes
+        if exists:
+            logger.info("Loading cached second-moment statistics from %s.", path)
             stats = SecondMomentStats.load(path, expected_key=key)
-    logger.info("Cached second-moment statistics in %s.", path)
-    return stats
+            stats.from_cache = True
+            results[i] = stats
+        else:
+            missing.append((i, texts, description, path))
+    if missing:
+        computed = _accumulate(group, model, tokenizer, [targets[i] for i, *_ in missing], missing[0][1],
+                               [description for _, _, description, _ in missing], batch_tokens=batch_tokens,
+                               base_context=base_context, progress=progress)
+        for (i, _texts, description, path), stats in zip(missing, computed):
+            key = _cache_key(description)
+            if group is None:
+                stats.save(path, key=key)
+            else:
+                _, error = attempt(lambda stats=stats, path=path, key=key: stats.save(path, key=key)) \
+                    if group.is_main else (None, None)
+                group.check_main(error, f"writing {path}")
+                if not group.is_main:
+                    stats = SecondMomentStats.load(path, expected_key=key)
+            logger.info("Cached second-moment statistics in %s.", path)
+            results[i] = stats
+    return results  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,17 +391,20 @@ class GramSum:
         return torch.triu(self.total) + torch.triu(self.total, 1).T
 
 
-def _accumulate(group: ProcessGroup | None, model: nn.Module, tokenizer: Any, target: EditTarget,
-                texts: SampledTexts, description: dict[str, Any], *, batch_tokens: int | None,
-                base_context: Callable[[], Any] | None, progress: bool) -> SecondMomentStats:
-    """Run the sampled texts through the base model and sum k kᵀ over their non-padding tokens; with several
-    processes, each runs its share of the batches and their sums are added up."""
+def _accumulate(group: ProcessGroup | None, model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget],
+                texts: SampledTexts, descriptions: Sequence[dict[str, Any]], *, batch_tokens: int | None,
+                base_context: Callable[[], Any] | None, progress: bool) -> list[SecondMomentStats]:
+    """Run the sampled texts through the base model and sum k kᵀ over their non-padding tokens, for every target
+    from the same forward passes; with several processes, each runs its share of the batches and their sums are
+    added up.  ``descriptions``: one per target (they differ only in the module)."""
+    description = descriptions[0]
     acc_dtype = _accumulation_dtype(description["dtype"])
     product_dtype = _product_dtype(description["products"])
     max_len = description["max_length"]
     tokens_per_batch = _batch_tokens(batch_tokens, max_len)
     expected = texts.expected_texts()
-    logger.info("Computing second-moment statistics of %s over %s texts of %s (%s%s).", target.name,
+    names = ", ".join(t.name for t in targets)
+    logger.info("Computing second-moment statistics of %s over %s texts of %s (%s%s).", names,
                 "all" if expected is None else expected, description["dataset"], description["dtype"],
                 "" if group is None else f", {group.size} processes")
     if torch.get_float32_matmul_precision() != "highest":
@@ -376,62 +412,69 @@ def _accumulate(group: ProcessGroup | None, model: nn.Module, tokenizer: Any, ta
                        "computed with reduced precision (TF32/bf16), which degrades the statistics. Set it to "
                        "'highest' to compute them.", torch.get_float32_matmul_precision())
 
-    def local_sums() -> tuple[torch.Tensor, int, int]:
+    def local_sums() -> tuple[list[torch.Tensor], list[int], int]:
         context: AbstractContextManager = base_context() if base_context is not None else contextlib.nullcontext()
         with context, eval_mode(model), torch.no_grad():
             while True:
                 try:
-                    return _sum_keys(model, tokenizer, target, texts.chunks(_TEXTS_PER_CHUNK), texts.expected_texts(),
+                    return _sum_keys(model, tokenizer, targets, texts.chunks(_TEXTS_PER_CHUNK), texts.expected_texts(),
                                      product_dtype, max_len, tokens_per_batch,
                                      progress and (group is None or group.is_main), group)
                 except StreamEndedEarly as short:
                     texts.redraw(short.rows)
 
     if group is None:
-        total, count, n_texts = local_sums()
+        totals, counts, n_texts = local_sums()
     else:
         sums, error = attempt(local_sums)
-        group.check_all(error, f"computing its share of the statistics of {target.name}")
+        group.check_all(error, f"computing its share of the statistics of {names}")
         assert sums is not None
         n_texts = sums[2]
-        total, count = group.all_sum(sums[0], sums[1])
-    if count <= target.in_features:
-        raise InsufficientStatisticsError(
-            f"Only {count} key vectors from {n_texts} texts for the {target.in_features}-dimensional second "
-            f"moment of {target.name}; more than {target.in_features} are needed. Use more text (mom2_n_samples, "
-            "a larger data set or a larger max_length).")
-    metadata = {**description, **texts.details(), "texts_read": n_texts, "hf_edit_version": __version__,
-                "source": "computed", "world_size": 1 if group is None else group.size}
-    return SecondMomentStats(total.to(acc_dtype).cpu(), count, metadata)
+        reduced = [group.all_sum(total, count) for total, count in zip(sums[0], sums[1])]
+        totals, counts = [r[0] for r in reduced], [r[1] for r in reduced]
+    results = []
+    for target, this, total, count in zip(targets, descriptions, totals, counts):
+        if count <= target.in_features:
+            raise InsufficientStatisticsError(
+                f"Only {count} key vectors from {n_texts} texts for the {target.in_features}-dimensional second "
+                f"moment of {target.name}; more than {target.in_features} are needed. Use more text "
+                "(mom2_n_samples, a larger data set or a larger max_length).")
+        metadata = {**this, **texts.details(), "texts_read": n_texts, "hf_edit_version": __version__,
+                    "source": "computed", "world_size": 1 if group is None else group.size}
+        results.append(SecondMomentStats(total.to(acc_dtype).cpu(), count, metadata))
+    return results
 
 
-def _sum_keys(model: nn.Module, tokenizer: Any, target: EditTarget, chunks: Iterable[list[str]],
+def _sum_keys(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], chunks: Iterable[list[str]],
               expected: int | None, product_dtype: torch.dtype, max_len: int, batch_tokens: int, progress: bool,
-              group: ProcessGroup | None = None) -> tuple[torch.Tensor, int, int]:
-    """(Σ k kᵀ in float64, n vectors, texts read) over the texts, on the device of the module's weight; with a
-    ``group``, over this process's share only.
+              group: ProcessGroup | None = None) -> tuple[list[torch.Tensor], list[int], int]:
+    """(Σ k kᵀ in float64 and n vectors of each target, texts read) over the texts, each sum on the device of its
+    module's weight, all targets from the same forward passes; with a ``group``, over this process's share only.
 
     Every process forms the same batches as a single process would and runs every ``group.size``-th of them, so
     each key vector and each batch's product is computed exactly as a single process computes it: only the order
     of the float64 additions differs from the single-process result.
     """
-    module = unwrap_model(model).get_submodule(target.name)
-    device = base_layer(module).weight.device
+    modules = [unwrap_model(model).get_submodule(t.name) for t in targets]
+    grams = [GramSum(t.in_features, base_layer(m).weight.device, product_dtype) for t, m in zip(targets, modules)]
+    device = base_layer(modules[0]).weight.device
     pad_id = pad_token_id(tokenizer)
     with_positions = _accepts(model, "position_ids")
-    gram = GramSum(target.in_features, device, product_dtype)
     batch_number = n_texts = 0
-    with tqdm(total=expected, disable=not progress, desc=f"mom2 {target.name}", unit="text") as bar:
+    label = targets[0].name if len(targets) == 1 else f"{targets[0].name} (+{len(targets) - 1} modules)"
+    with tqdm(total=expected, disable=not progress, desc=f"mom2 {label}", unit="text") as bar:
         for chunk in chunks:
             for rows in _token_batches(chunk, tokenizer, max_len, batch_tokens):
                 batch_number += 1
                 if group is not None and not group.owns(batch_number - 1):
                     continue
-                gram.add(_batch_keys(model, module, _padded(rows, pad_id, device, with_positions), target))
+                keys = _batch_keys(model, modules, _padded(rows, pad_id, device, with_positions), targets)
+                for gram, these in zip(grams, keys):
+                    gram.add(these)
                 bar.update(len(rows))
             n_texts += len(chunk)
             bar.update(n_texts - bar.n)  # texts dropped because they tokenise to nothing, and other processes'
-    return gram.result(), gram.count, n_texts
+    return [g.result() for g in grams], [g.count for g in grams], n_texts
 
 
 def _padded(rows: list[list[int]], pad_id: int, device: torch.device, with_positions: bool) -> dict[str, torch.Tensor]:
@@ -446,22 +489,30 @@ def _padded(rows: list[list[int]], pad_id: int, device: torch.device, with_posit
     return inputs
 
 
-def _batch_keys(model: nn.Module, module: nn.Module, inputs: dict[str, torch.Tensor],
-                target: EditTarget) -> torch.Tensor:
-    """The module's input vectors at the non-padding positions of one batch, (tokens, I).  The forward pass stops
-    as soon as the module is called, before it computes anything."""
+def _batch_keys(model: nn.Module, modules: Sequence[nn.Module], inputs: dict[str, torch.Tensor],
+                targets: Sequence[EditTarget]) -> list[torch.Tensor]:
+    """Each module's input vectors at the non-padding positions of one batch, (tokens, I) each.  The forward pass
+    stops as soon as the last of the modules is called, before it computes anything."""
     mask = inputs["attention_mask"]
-    seen: list[torch.Tensor] = []
+    seen: dict[int, torch.Tensor] = {}
 
-    def stop_at_input(_module: nn.Module, args: tuple) -> None:
-        seen.append(args[0])
-        raise StopForward
+    def make_hook(i: int) -> Callable[[nn.Module, tuple], None]:
+        def record_input(_module: nn.Module, args: tuple) -> None:
+            seen[i] = args[0]
+            if len(seen) == len(modules):
+                raise StopForward
+        return record_input
 
-    with forward_hook(module, stop_at_input, pre=True):
+    with contextlib.ExitStack() as hooks:
+        for i, module in enumerate(modules):
+            hooks.enter_context(forward_hook(module, make_hook(i), pre=True))
         run_until(model, **inputs, use_cache=False)
-    if not seen:
-        raise StatisticsError(f"Module {target.name} did not run during the forward pass.")
-    keys = as_batch_seq(seen[0].detach(), tuple(mask.shape))
-    if bool(mask.all()):
-        return keys.reshape(-1, keys.shape[-1])  # no padding: a view, no copy
-    return keys[mask.to(keys.device).bool()]
+    missing = [t.name for i, t in enumerate(targets) if i not in seen]
+    if missing:
+        raise StatisticsError(f"Module {', '.join(missing)} did not run during the forward pass.")
+    out = []
+    for i in range(len(modules)):
+        keys = as_batch_seq(seen[i].detach(), tuple(mask.shape))
+        out.append(keys.reshape(-1, keys.shape[-1]) if bool(mask.all())  # no padding: a view, no copy
+                   else keys[mask.to(keys.device).bool()])
+    return out

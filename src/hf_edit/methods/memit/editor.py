@@ -260,6 +260,9 @@ class MassEditor(Editor):
         clock = time.perf_counter()
         _ = self.templates
         timings = {"templates": time.perf_counter() - clock}
+        cfg = self.config
+        self.context.stats.prefetch(targets, dataset=cfg.mom2_dataset, n_samples=cfg.mom2_n_samples,
+                                    dtype=cfg.mom2_dtype, max_length=cfg.mom2_max_length)  # one pass for all layers
         stats = [self.stats_for(t) for t in targets]
         self.before_batch(targets, stats, units)
         return requests, units, targets, stats, timings
