@@ -3,7 +3,8 @@
 - :mod:`~hf_edit.stats.second_moment`: :class:`SecondMomentStats` and its file formats (safetensors cache files,
   the reference's ``.npz`` files).
 - :mod:`~hf_edit.stats.compute`: computing C (the reference's sum, computed faster: :class:`GramSum`), and the
-  content-addressed cache (:func:`load_or_compute_stats`, :func:`stats_cache_dir`).
+  content-addressed cache (:func:`load_or_compute_stats`, :func:`stats_cache_dir`); several modules' statistics
+  in one pass over the texts (:func:`load_or_compute_all_stats`).
 - :mod:`~hf_edit.stats.fingerprint`: what identifies the model and tokenizer in a cache key.
 - :mod:`~hf_edit.stats.texts`: the text data sets statistics are computed over, and how they are sampled
   (local data: the reference's permutation; Hub data sets: streamed, a seeded sample of a prefix).
