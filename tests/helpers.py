@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -64,11 +67,24 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return isinstance(layer, Conv1D)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block (deterministic summation order), then restore the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def logits_without_hf_edit(base_dir, edit_dir, input_ids: torch.Tensor, work_dir) -> tuple[torch.Tensor, ...]:
     """Logits of the saved edit loaded in a fresh Python process that never imports hf_edit.
 
     Returns the logits with ``PeftModel.from_pretrained(base, edit_dir)`` and with
-    ``AutoModelForCausalLM.from_pretrained(edit_dir)`` (transformers' own adapter loading).
+    ``AutoModelForCausalLM.from_pretrained(edit_dir)`` (transformers' own adapter loading), computed with one
+    thread: compare them bitwise only with logits computed under :func:`one_thread` (with several threads, the
+    order of a matmul's additions may depend on how many threads the library uses at that moment).
     """
     import subprocess
     import sys
@@ -79,6 +95,7 @@ def logits_without_hf_edit(base_dir, edit_dir, input_ids: torch.Tensor, work_dir
     torch.save(input_ids, work_dir / "ids.pt")
     script = textwrap.dedent(f"""
         import sys, torch
+        torch.set_num_threads(1)
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
         ids = torch.load({str(work_dir / 'ids.pt')!r})
