@@ -369,17 +369,17 @@ class StatisticsProvider:
 
         if self.explicit is not None:
             return
-        todo = list({self._key(t, dataset, n_samples, dtype, max_length): t for t in targets
-                     if self._key(t, dataset, n_samples, dtype, max_length) not in self._loaded}.values())
+        keyed = {self._key(t, dataset, n_samples, dtype, max_length): t for t in targets}
+        todo = {key: target for key, target in keyed.items() if key not in self._loaded}
         if len(todo) < 2:
             return
         computed = load_or_compute_all_stats(
-            self.model, self.tokenizer, todo, dataset=dataset, n_samples=n_samples, dtype=dtype,
+            self.model, self.tokenizer, list(todo.values()), dataset=dataset, n_samples=n_samples, dtype=dtype,
             max_length=max_length, base_context=self.base_context, progress=self.progress,
             model_revision=self.revision)
-        for target, stats in zip(todo, computed):
+        for (key, target), stats in zip(todo.items(), computed):
             stats.check_compatible(target)
-            self._loaded[self._key(target, dataset, n_samples, dtype, max_length)] = stats
+            self._loaded[key] = stats
 
     @staticmethod
     def _key(target: EditTarget, dataset: Any, n_samples: int, dtype: str, max_length: int | None) -> tuple:

@@ -124,9 +124,9 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, target: EditTarget, 
         StatisticsError: another process failed, or the processes were given different arguments.
     """
     group = current_group()
-    texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
-                                  model_revision, product_dtype, stream_oversample, None)
-    return _accumulate(group, model, tokenizer, [target], texts, [description], batch_tokens=batch_tokens,
+    texts, descriptions = _prepare(group, model, tokenizer, [target], dataset, n_samples, dtype, max_length, seed,
+                                   model_revision, product_dtype, stream_oversample, None)
+    return _accumulate(group, model, tokenizer, [target], texts, descriptions, batch_tokens=batch_tokens,
                        base_context=base_context, progress=progress)[0]
 
 
@@ -176,11 +176,11 @@ def load_or_compute_all_stats(model: nn.Module, tokenizer: Any, targets: Sequenc
     """
     group = current_group()
     folder = Path(cache_dir).expanduser() if cache_dir is not None else stats_cache_dir()
+    texts, descriptions = _prepare(group, model, tokenizer, targets, dataset, n_samples, dtype, max_length, seed,
+                                   model_revision, product_dtype, stream_oversample, folder)
     results: list[SecondMomentStats | None] = [None] * len(targets)
-    missing: list[tuple[int, SampledTexts, dict[str, Any], Path]] = []
-    for i, target in enumerate(targets):
-        texts, description = _prepare(group, model, tokenizer, target, dataset, n_samples, dtype, max_length, seed,
-                                      model_revision, product_dtype, stream_oversample, folder)
+    missing: list[tuple[int, dict[str, Any], Path]] = []
+    for i, (target, description) in enumerate(zip(targets, descriptions)):
         key = _cache_key(description)
         path = folder / _cache_name(target.name, key)
         exists = path.exists() if group is None or group.is_main else None
@@ -192,12 +192,12 @@ def load_or_compute_all_stats(model: nn.Module, tokenizer: Any, targets: Sequenc
             stats.from_cache = True
             results[i] = stats
         else:
-            missing.append((i, texts, description, path))
+            missing.append((i, description, path))
     if missing:
-        computed = _accumulate(group, model, tokenizer, [targets[i] for i, *_ in missing], missing[0][1],
-                               [description for _, _, description, _ in missing], batch_tokens=batch_tokens,
+        computed = _accumulate(group, model, tokenizer, [targets[i] for i, *_ in missing], texts,
+                               [description for _, description, _ in missing], batch_tokens=batch_tokens,
                                base_context=base_context, progress=progress)
-        for (i, _texts, description, path), stats in zip(missing, computed):
+        for (i, description, path), stats in zip(missing, computed):
             key = _cache_key(description)
             if group is None:
                 stats.save(path, key=key)
@@ -269,34 +269,41 @@ class _Unreachable(SampledTexts):
         return self.n_samples
 
 
-def _prepare_here(model: nn.Module, tokenizer: Any, target: EditTarget, dataset: Any, n_samples: int | None,
-                  dtype: str, max_length: int | None, seed: int, model_revision: str | None,
-                  product_dtype: str | None,
-                  oversample: int, cache_folder: Path | None) -> tuple[SampledTexts, dict[str, Any]]:
+def _prepare_here(model: nn.Module, tokenizer: Any, targets: Sequence[EditTarget], dataset: Any,
+                  n_samples: int | None, dtype: str, max_length: int | None, seed: int, model_revision: str | None,
+                  product_dtype: str | None, oversample: int,
+                  cache_folder: Path | None) -> tuple[SampledTexts, list[dict[str, Any]]]:
+    """The texts (sampled once) and each target's description (the model and tokenizer fingerprinted once; the
+    descriptions differ only in the module)."""
     _accumulation_dtype(dtype)
     product_dtype = dtype if product_dtype is None else product_dtype
     _product_dtype(product_dtype)
     max_len = _max_length(model, max_length)
+
+    def described(texts: SampledTexts) -> list[dict[str, Any]]:
+        first = _describe(model, tokenizer, targets[0], texts, max_len, dtype, product_dtype, model_revision)
+        return [{**first, "module": target.name} for target in targets]
+
     try:
         texts = sample_texts(dataset, n_samples, seed, oversample=oversample)
     except HubUnreachableError as unreachable:
         if cache_folder is None:
             raise
         unresolved = sample_texts(dataset, n_samples, seed, oversample=oversample, resolve=False)
-        description = _describe(model, tokenizer, target, unresolved, max_len, dtype, product_dtype, model_revision)
-        cached = _cached_hub_description(cache_folder, target, description)
-        if cached is None:
+        cached = [_cached_hub_description(cache_folder, target, description)
+                  for target, description in zip(targets, described(unresolved))]
+        if any(description is None for description in cached):
             raise
         logger.warning("The Hub cannot be reached; using the cached statistics of %s (the newest computed with "
                        "these settings). A newer commit of the data set cannot be checked for offline.",
-                       cached["dataset"])
-        return _Unreachable(unresolved, unreachable), cached
-    return texts, _describe(model, tokenizer, target, texts, max_len, dtype, product_dtype, model_revision)
+                       ", ".join(sorted({d["dataset"] for d in cached})))
+        return _Unreachable(unresolved, unreachable), cached  # type: ignore[return-value]
+    return texts, described(texts)
 
 
-def _prepare(group: ProcessGroup | None, *args: Any) -> tuple[SampledTexts, dict[str, Any]]:
-    """The texts and the description of the statistics.  Several processes: the main process first (it may fill the
-    datasets cache that the others then read), then the others; all must arrive at the same cache key."""
+def _prepare(group: ProcessGroup | None, *args: Any) -> tuple[SampledTexts, list[dict[str, Any]]]:
+    """The texts and the descriptions of the statistics.  Several processes: the main process first (it may fill
+    the datasets cache that the others then read), then the others; all must arrive at the same cache keys."""
     if group is None:
         return _prepare_here(*args)
     prepared, error = attempt(lambda: _prepare_here(*args)) if group.is_main else (None, None)
@@ -304,7 +311,7 @@ def _prepare(group: ProcessGroup | None, *args: Any) -> tuple[SampledTexts, dict
     if not group.is_main:
         prepared, error = attempt(lambda: _prepare_here(*args))
     group.check_all(error, "working out what the statistics are of (their cache key)",
-                    agreed=None if prepared is None else _cache_key(prepared[1]))
+                    agreed=None if prepared is None else ",".join(_cache_key(d) for d in prepared[1]))
     assert prepared is not None
     return prepared
 

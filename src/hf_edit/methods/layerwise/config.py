@@ -35,15 +35,17 @@ class LayerwiseConfig(EMMETConfig):
     balances the paraphrase score against neighbourhood damage (dev S 90.0: clamp 1 lost paraphrases, clamp 1.5
     and 2 neighbours), and requests whose target that clamp cannot make likely get a larger one
     (``clamp_escalation``: 2, then 4; dev S 90.4; on the tiny stories260K Llama the demo's edit only takes so);
-    the window is one layer longer than MEMIT's (layers 0–3 of 6); weight decay 0; 40 optimisation steps.  Meant for single edits and small batches: with hundreds of requests in one call the exact
-    constraints make large, interfering updates (use MEMIT, EMMET or AlphaEdit there).
+    the window is one layer longer than MEMIT's (layers 0–3 of 6); weight decay 0; 40 optimisation steps.
+    Meant for single edits and small batches: with hundreds of requests in one call the exact constraints make
+    large, interfering updates (use MEMIT, EMMET or AlphaEdit there).
 
     Args:
         clamp_escalation: larger clamp factors tried, in order, for the requests whose values did not reach the
             target with ``clamp_norm_factor`` (their template-averaged target probability is below
             ``escalation_threshold``): each such request is optimised again with the next factor, so every request
             gets the smallest clamp of the ladder that makes its target likely (the largest when none does).
-            Factors not above ``clamp_norm_factor`` are skipped; ``()`` turns this off.  The factor used is in each value's ``info["clamp_norm_factor"]``.
+            Factors not above ``clamp_norm_factor`` are skipped; ``()`` turns this off.  The factor used is in
+            each value's ``info["clamp_norm_factor"]``.
         escalation_threshold: the target probability (e^−NLL over the context templates) below which a value is
             optimised again with the next clamp factor.
         value_tokens: ``"subject"``: a δ at every subject token (one per token, counted from the last), each token

@@ -69,7 +69,7 @@ class LayerwiseEditor(EMMETEditor):
             keys = self.read_keys(units, results, modules)
             timings["keys"] = time.perf_counter() - clock
         each = self._each(keys.n_rows, targets)
-        averaging = None if each else keys.averaging(self._key_rows(units)[1])
+        averaging = None if each else keys.averaging(self.key_weights(len(units)))
         updates: list[Update] = []
         for i, (target, module) in enumerate(zip(targets, modules)):
             clock = time.perf_counter()

@@ -328,32 +328,42 @@ class MassEditor(Editor):
         subject token, ``"subject"``; see :func:`~hf_edit.templates.value_positions`)."""
         return self.config.fact_token
 
-    def key_texts(self, units: list[list[EditRequest]]) -> list[Encoded]:
-        """Every unit's prompt in every template (unit after unit), plus the bare prompt when no template is bare:
-        the texts whose keys are read."""
-        flat = flatten_templates(self.templates)
-        if BARE_TEMPLATE not in flat:
-            flat = flat + [BARE_TEMPLATE]
-        return [encode_templated(self.tokenizer, template, unit[0]) for unit in units for template in flat]
-
-    def _key_rows(self, units: list[list[EditRequest]]) -> tuple[PositionedRows, torch.Tensor, list[int]]:
-        """Rows (unit × template, plus the bare prompt when no template is bare, see :meth:`key_texts`), the
-        averaging weights and the row of each unit's bare prompt."""
+    def _key_templates(self) -> tuple[list[str], list[int]]:
+        """The templates keys are read in (MEMIT's, plus the bare prompt when no template is bare) and each one's
+        group (-1: the added bare prompt, which carries no weight)."""
         flat = flatten_templates(self.templates)
         groups = [g for g, group in enumerate(self.templates) for _ in group]
         if BARE_TEMPLATE not in flat:
             flat, groups = flat + [BARE_TEMPLATE], groups + [-1]
+        return flat, groups
+
+    def key_texts(self, units: list[list[EditRequest]]) -> list[Encoded]:
+        """Every unit's prompt in every template (unit after unit), plus the bare prompt when no template is bare:
+        the texts whose keys are read."""
+        flat, _ = self._key_templates()
+        return [encode_templated(self.tokenizer, template, unit[0]) for unit in units for template in flat]
+
+    def key_weights(self, n_units: int) -> torch.Tensor:
+        """(n_units, n_units × texts per unit) float64: MEMIT's averaging of each unit's key texts
+        (:meth:`key_texts`) into one key."""
+        _, groups = self._key_templates()
+        per_template = len(groups)
+        weights = group_weights(n_units, per_template, [g if g >= 0 else 10**9 for g in groups])
+        if -1 in groups:  # the added bare row carries no weight
+            weights[:, per_template - 1::per_template] = 0
+            weights = weights / weights.sum(1, keepdim=True)
+        return weights
+
+    def _key_rows(self, units: list[list[EditRequest]]) -> tuple[PositionedRows, torch.Tensor, list[int]]:
+        """Rows (:meth:`key_texts` at the fact token), the averaging weights (:meth:`key_weights`) and the row of
+        each unit's bare prompt."""
+        flat, _ = self._key_templates()
         bare = flat.index(BARE_TEMPLATE)
         texts = self.key_texts(units)
         ids = [tuple(encoded.ids) for encoded in texts]
         positions = [fact_position(encoded, self.config.fact_token) for encoded in texts]
-        per_template = len(flat)
-        weights = group_weights(len(units), per_template, [g if g >= 0 else 10**9 for g in groups])
-        if -1 in groups:  # the added bare row carries no weight
-            weights[:, per_template - 1::per_template] = 0
-            weights = weights / weights.sum(1, keepdim=True)
-        return PositionedRows(tuple(ids), tuple(positions)), weights, [u * per_template + bare
-                                                                        for u in range(len(units))]
+        return PositionedRows(tuple(ids), tuple(positions)), self.key_weights(len(units)), [
+            u * len(flat) + bare for u in range(len(units))]
 
     def prompt_keys(self, requests: Sequence[EditRequest], target: EditTarget) -> torch.Tensor | None:
         """√μ · the keys of every token of the requests' bare prompts but those whose values are written
