@@ -361,6 +361,7 @@ def test_example_plugin_in_a_fresh_process(base_dir, gpt2_tokenizer, tmp_path, c
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     script = textwrap.dedent(f"""
         import json, torch
+        torch.set_num_threads(1)  # logits compared bitwise in another process: the same summation order
         from hf_edit import EditedModel, EditRequest, available_methods
         from hf_edit.evaluation import evaluate_model
         assert "output-shift" in available_methods()
@@ -381,6 +382,7 @@ def test_example_plugin_in_a_fresh_process(base_dir, gpt2_tokenizer, tmp_path, c
     # a fresh process that never imports the plugin by hand: the entry point rebuilds the method
     script = textwrap.dedent(f"""
         import sys, torch
+        torch.set_num_threads(1)
         from hf_edit import EditedModel
         from hf_edit.cli import main
         model = EditedModel.from_pretrained({str(tmp_path / 'edit')!r}, progress=False)

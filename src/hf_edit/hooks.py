@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Captured", "StopForward", "forward_hook", "kv_cache_arguments", "capture", "add_at_positions", "add_low_rank", "as_batch_seq", "run_until", "only_positions",
+__all__ = ["Captured", "StopForward", "forward_hook", "cache_argument", "kv_cache_arguments", "capture", "add_at_positions", "add_low_rank", "as_batch_seq", "run_until", "only_positions",
            "replay_outputs", "eval_mode", "frozen_eval"]
 
 
@@ -32,19 +32,21 @@ def as_batch_seq(x: torch.Tensor, batch_shape: tuple[int, int]) -> torch.Tensor:
     return x if x.dim() == 3 else x.reshape(*batch_shape, x.shape[-1])
 
 
-def kv_cache_arguments(model: nn.Module, output: Any) -> dict[str, Any]:
-    """The keyword arguments that pass ``output``'s key/value cache to the next forward call of ``model``.
-
-    transformers 5 renamed ``past_key_values`` to ``cache`` (both as argument and output; the old name is removed
-    in 5.40); older 5.x releases know only ``past_key_values``.
-    """
+def cache_argument(model: nn.Module) -> str | None:
+    """The name of the model's key/value cache argument: ``cache`` (transformers 5 renamed ``past_key_values``;
+    the old name is removed in 5.40), ``past_key_values`` in older 5.x releases, or ``None`` when it takes none."""
     import inspect
 
     from .architecture import unwrap_model
 
-    if "cache" in inspect.signature(unwrap_model(model).forward).parameters:
-        return {"cache": output["cache"]}
-    return {"past_key_values": output["past_key_values"]}
+    parameters = inspect.signature(unwrap_model(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def kv_cache_arguments(model: nn.Module, output: Any) -> dict[str, Any]:
+    """The keyword arguments that pass ``output``'s key/value cache to the next forward call of ``model``."""
+    name = cache_argument(model) or "past_key_values"
+    return {name: output[name]}
 
 
 @contextmanager

@@ -16,7 +16,12 @@ of one module at those positions and optimised with Adam, exactly as the referen
 problem has its own δ row, its own Adam state (one parameter tensor each, so a problem that has stopped gets no
 update at all, not even from momentum), its own clamp and its own early stop; the rows of finished problems leave
 the batch.  The result equals optimising each problem alone (up to floating-point summation order; tested to 1e-5).
-``chunk_size`` bounds how many problems share a batch.
+``chunk_size`` bounds how many problems share a batch (problems of similar row lengths are put together).
+
+Most of a row does not depend on δ: the tokens before its first δ position.  They run once per batch composition,
+into a key/value cache, and every step runs only the rest of each row against it (``reuse_prefix``; on
+cf-facts-gpt2 this leaves about a sixth of the padded positions of the whole rows).  Models that cannot continue
+from a cache run whole rows.
 
 Two users:
 
@@ -38,6 +43,7 @@ Two users:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -45,9 +51,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
+from .architecture import num_layers, unwrap_model
 from .errors import OptimizationError
-from .hooks import as_batch_seq, only_positions, replay_outputs
+from .hooks import as_batch_seq, cache_argument, only_positions, replay_outputs
 from .requests import EditRequest
 from .templates import encode_templated, value_positions
 from .tokens import encode_with_subject, pad_batch, target_ids
@@ -66,6 +75,10 @@ class ValueSettings:
         kl_factor: weight of the KL term.
         weight_decay: weight of ‖δ‖ / ‖h‖² (``v_weight_decay``).
         early_stop_loss: stop a problem once its loss is below this.
+        reuse_prefix: run each row's tokens before its first δ position once per batch composition (their states
+            do not depend on δ) and, at every step, only the rest of the row against their key/value cache.  The
+            result is the same up to floating-point summation order; models whose forward takes no
+            ``position_ids`` or no attention cache (or has non-attention layers) always run whole rows.
     """
 
     num_steps: int = 20
@@ -74,6 +87,7 @@ class ValueSettings:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     early_stop_loss: float = 5e-2
+    reuse_prefix: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,13 @@ class ValueProblem:
     def n_slots(self) -> int:
         """How many δ this problem has per module."""
         return max(len(_slots(p)) for p in (*self.positions, *self.kl_positions))
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The part of each row (rewriting rows, then KL rows) that depends on δ and is read: from its first δ
+        position (or first label) to its end (a KL row: to its last δ position)."""
+        rewrite = [(min(*_slots(position), len(row) - len(target)), len(row))
+                   for row, position, target in zip(self.rows, self.positions, self.targets)]
+        return rewrite + [(min(_slots(position)), max(_slots(position)) + 1) for position in self.kl_positions]
 
     @classmethod
     def build(cls, tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -194,10 +215,14 @@ class _Layout:
 
     δ entries: the active problems' δ rows of one module, concatenated problem after problem and slot after slot,
     are added at ``(entry_rows, entry_positions)`` from row ``entry_index``; h is recorded at ``init_*`` (the first
-    row that has the slot)."""
+    row that has the slot).
+
+    With ``split``, each row is cut before its first δ position: ``prefix`` holds the tokens before (left-padded;
+    their states do not depend on δ), ``inputs`` the rest (right-padded), and every position counts from the cut.
+    """
 
     def __init__(self, problems: Sequence[ValueProblem], active: Sequence[int], pad_id: int,
-                 device: torch.device) -> None:
+                 device: torch.device, split: bool = False) -> None:
         rewrite, kl = [], []
         for local, p in enumerate(active):
             problem = problems[p]
@@ -205,21 +230,30 @@ class _Layout:
                         zip(problem.rows, problem.positions, problem.targets)]
             kl += [(local, row, _slots(pos)) for row, pos in zip(problem.kl_rows, problem.kl_positions)]
         ids = [r[1] for r in rewrite] + [k[1] for k in kl]
-        self.inputs = pad_batch(ids, pad_id, device)
+        cuts = [0] * len(ids)
+        if split:  # each row from its first δ position to its last read one; the tokens before become the prefix
+            per_problem = [(problems[p].spans(), len(problems[p].rows)) for p in active]
+            spans = [span for all_spans, n in per_problem for span in all_spans[:n]]
+            spans += [span for all_spans, n in per_problem for span in all_spans[n:]]
+            ids = [row[:end] for row, (_start, end) in zip(ids, spans)]
+            cuts = [start for start, _end in spans]
+        self.prefix = _left_pad([row[:cut] for row, cut in zip(ids, cuts)], pad_id, device) if max(cuts) else None
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.inputs = pad_batch([row[cut:] for row, cut in zip(ids, cuts)], pad_id, device)
         self.shape = tuple(self.inputs["input_ids"].shape)
         self.n_active = len(active)
         self.n_rewrite = len(rewrite)
         self.row_problem = torch.tensor([r[0] for r in rewrite] + [k[0] for k in kl], device=device)
-        self.row_positions = torch.tensor([r[2][0] for r in rewrite] + [k[2][0] for k in kl], device=device)
+        self.row_positions = torch.tensor([r[2][0] - cut for r, cut in zip(rewrite + kl, cuts)], device=device)
         self.n_slots = [problems[p].n_slots for p in active]
         offsets = [sum(self.n_slots[:local]) for local in range(len(active))]
         entry_rows, entry_positions, entry_index, first = [], [], [], {}
         for index, (local, _ids, slots, *_rest) in enumerate(rewrite + kl):
             for slot, position in enumerate(slots):
                 entry_rows.append(index)
-                entry_positions.append(position)
+                entry_positions.append(position - cuts[index])
                 entry_index.append(offsets[local] + slot)
-                first.setdefault(offsets[local] + slot, (index, position))
+                first.setdefault(offsets[local] + slot, (index, position - cuts[index]))
         self.entry_rows = torch.tensor(entry_rows, device=device)
         self.entry_positions = torch.tensor(entry_positions, device=device)
         self.entry_index = torch.tensor(entry_index, device=device)
@@ -231,7 +265,7 @@ class _Layout:
             start = len(row) - len(target) + 1  # the row holds target[:-1]; position start-1+i predicts target[i]
             for i, token in enumerate(target):
                 label_rows.append(index)
-                label_pos.append(start - 1 + i)
+                label_pos.append(start - 1 + i - cuts[index])
                 label_ids.append(token)
         self.label_rows = torch.tensor(label_rows, device=device)
         self.label_positions = torch.tensor(label_pos, device=device)
@@ -243,6 +277,63 @@ class _Layout:
         self.kl_positions = self.row_positions[self.n_rewrite:]
         self.kl_problem = self.row_problem[self.n_rewrite:]
         self.kl_per_problem = torch.bincount(self.kl_problem, minlength=len(active)).float()
+
+    def model_inputs(self, cache_name: str | None) -> dict[str, Any]:
+        """The keyword arguments of one forward pass over the rows (after the cut, against the prefix's cache)."""
+        if self.past is None:
+            return dict(self.inputs, use_cache=False)
+        mask = torch.cat([self.prefix["attention_mask"], self.inputs["attention_mask"]], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, self.prefix["attention_mask"].shape[1]:]
+        return {"input_ids": self.inputs["input_ids"], "attention_mask": mask, "position_ids": positions,
+                cache_name: DynamicCache(ddp_cache_data=self.past), "use_cache": True}
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-pad id lists into ``input_ids``, ``attention_mask`` and ``position_ids`` (0 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    mask = mask.to(device)
+    return {"input_ids": ids.to(device), "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+
+
+def _prefix_cache_argument(model: nn.Module) -> str | None:
+    """The name of the model's key/value cache argument when its forward can continue rows from a cache of their
+    prefixes (it takes ``position_ids`` and a cache, and has attention layers only); ``None`` otherwise."""
+    base = unwrap_model(model)
+    layer_types = getattr(base.config.get_text_config(), "layer_types", None) or ()
+    if "position_ids" not in inspect.signature(base.forward).parameters or \
+            not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        return None
+    return cache_argument(model)
+
+
+@torch.no_grad()
+def _prefix_states(model: nn.Module, layout: _Layout,
+                   cache_name: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Run the rows' prefixes once and return each layer's keys and values (zero on padding), or ``None`` when the
+    model did not fill a plain per-layer cache for them (the rows then run whole)."""
+    assert layout.prefix is not None
+    cache = DynamicCache()
+    head = model.get_output_embeddings()
+    n_rows, width = layout.prefix["input_ids"].shape
+    rows = torch.arange(n_rows, device=layout.prefix["input_ids"].device)
+    with only_positions(head, rows, torch.full_like(rows, width - 1)):  # no logits but one per row
+        model(**layout.prefix, use_cache=True, **{cache_name: cache})
+    keep = layout.prefix["attention_mask"][:, None, :, None]
+    states = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if type(layer) is not DynamicLayer or keys is None or keys.dim() != 4 or keys.shape[-2] != width \
+                or keys.shape[0] != keep.shape[0]:
+            return None
+        mask = keep.to(device=keys.device, dtype=keys.dtype)  # layers may sit on other devices (device_map)
+        states.append((keys * mask, values * mask))
+    return states if len(states) == num_layers(unwrap_model(model)) else None
 
 
 def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], problems: Sequence[ValueProblem],
@@ -274,20 +365,26 @@ def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], p
     if not modules:
         raise ValueError("optimise_values needs at least one module.")
     size = len(problems) if not chunk_size else max(1, int(chunk_size))
-    results: list[ValueResult] = []
+    order = list(range(len(problems)))
+    if settings.reuse_prefix and size < len(problems):  # chunks of similar lengths: less padding
+        order.sort(key=lambda p: max(end - start for start, end in problems[p].spans()))
+    results: dict[int, ValueResult] = {}
     for start in range(0, len(problems), size):
-        results += _optimise_chunk(model, modules, problems[start:start + size], settings, pad_id=pad_id,
-                                   frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module))
-    return results
+        chunk = order[start:start + size]
+        done = _optimise_chunk(model, modules, [problems[p] for p in chunk], settings, pad_id=pad_id,
+                               frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module))
+        results.update(zip(chunk, done))
+    return [results[p] for p in range(len(problems))]
 
 
-def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequence[ValueProblem], settings: ValueSettings,
-                    *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None,
+def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequence[ValueProblem],
+                    settings: ValueSettings, *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None,
                     one_module: bool) -> list[ValueResult]:
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     n = len(problems)
     state = _State([p.n_slots for p in problems], len(modules), device)
+    cache_name = _prefix_cache_argument(model) if settings.reuse_prefix else None
     log_p0: list[torch.Tensor | None] = [None] * n
     steps, clamped = [0] * n, [False] * n
     final: dict[int, dict[str, float]] = {}
@@ -300,9 +397,13 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
                 break
             if layout is None:  # a new batch composition: rebuild it and restart the replay of frozen modules
                 replay.close()
-                layout = _Layout(problems, active, pad_id, device)
+                layout = _Layout(problems, active, pad_id, device, split=cache_name is not None)
+                if layout.prefix is not None:
+                    layout.past = _prefix_states(model, layout, cache_name)
+                    if layout.past is None:
+                        layout = _Layout(problems, active, pad_id, device)
                 replay.enter_context(replay_outputs(frozen))
-            nll, kl_logp = _forward(model, modules, head, lens, layout, state, active)
+            nll, kl_logp = _forward(model, modules, head, lens, layout, state, active, cache_name)
             if optimiser is None:
                 optimiser = torch.optim.Adam(state.deltas, lr=settings.lr)
             kl = torch.zeros(layout.n_active, device=device)
@@ -400,7 +501,7 @@ class _State:
 
 
 def _forward(model: nn.Module, modules: list[nn.Module], head: nn.Module, lens: LogitLens | None, layout: _Layout,
-             state: _State, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+             state: _State, active: list[int], cache_name: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched forward pass with δ added at every row's position.
 
     Returns the NLL of each active problem and the log-probabilities at the KL rows.  At the first pass (all
@@ -435,7 +536,7 @@ def _forward(model: nn.Module, modules: list[nn.Module], head: nn.Module, lens: 
         head_positions = torch.cat([layout.label_positions, layout.kl_positions])
     try:
         with only_positions(head, head_rows, head_positions):
-            logits = model(**layout.inputs, use_cache=False).logits[0].float()
+            logits = model(**layout.model_inputs(cache_name)).logits[0].float()
     finally:
         for handle in handles:
             handle.remove()
