@@ -7,6 +7,7 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
     python benchmarks/bench_memit.py memory --sizes 1 10 50 100 200
     python benchmarks/bench_memit.py projector [--allocate]
     python benchmarks/bench_memit.py quality --n 200 [--reference] [--recipe] --out benchmarks/results
+    python benchmarks/bench_memit.py ceiling --n 200 --mu 1 10 30 100
     python benchmarks/bench_memit.py lifelong --n 1000 --batch 10 --every 100
 
 * **speed**: one MEMIT batch of ``--n`` CounterFact requests (templates, z, keys and solve of every layer) on
@@ -26,6 +27,9 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
   ‖ΔW‖/‖W‖.  Configurations: hf_edit's defaults for models without a preset, and the reference's GPT-2 XL values
   (``--reference``) on the default layers and on layers 0–2, and ``SMALL_MODEL_RECIPE`` (``--recipe``).  With
   ``--out DIR`` each section's result is written to ``DIR/memit_<section>.json``.
+* **ceiling**: what any update of the edited modules can reach on ``--n`` cases: the MLP output projections of the
+  layer-wise method's layers (or ``--layers``) fine-tuned directly on the cases' rewriting prompts, with ``μ`` · KL
+  on other facts' prompts (cases 600–899), for each ``--mu`` (:func:`bench_ceiling`).
 * **lifelong**: ``--n`` edits in batches of ``--batch`` with one method (AlphaEdit by default), each batch on the
   model edited so far: every ``--every`` edits, retention (ES of all edits so far), NS of the edited cases, and the
   WikiText-2 test perplexity against the unedited model's; JSON written after every checkpoint (``--out``).
@@ -52,6 +56,7 @@ from bench_rome import peak_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_edit import AlphaEditConfig, EditedModel, EMMETConfig, LayerwiseConfig, MEMITConfig
+from hf_edit.architecture import find_layout
 from hf_edit.evaluation import counterfact_case_metrics, counterfact_nlls, load_eval_data, summarize
 from hf_edit.evaluation.perplexity import perplexity, token_windows
 from hf_edit.hooks import add_low_rank, frozen_eval
@@ -60,6 +65,7 @@ from hf_edit.methods.memit import MEMITEditor
 from hf_edit.methods.memit.solve import memit_dense, null_space
 from hf_edit.methods.memit.templates import flatten_templates
 from hf_edit.tokens import pad_batch, pad_token_id
+from hf_edit.templates import encode_templated
 from hf_edit.values import ValueProblem
 
 CONFIGS = {"memit": MEMITConfig, "emmet": EMMETConfig, "alphaedit": AlphaEditConfig, "layerwise": LayerwiseConfig}
@@ -310,6 +316,75 @@ def bench_quality(args, model, tok) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def bench_ceiling(args, model, tok) -> dict:
+    """What any update of the edited modules can reach on the batch: their weights fine-tuned directly (dense, Adam,
+    ``--steps`` steps of 300 random rewriting rows) on the cases' rewriting prompts in MEMIT's templates, with
+    ``μ`` · KL(unedited ‖ edited) of the next token after the prompts of 300 other CounterFact facts (cases
+    600–899, their true objects; not the evaluated neighbourhood prompts), for each ``--mu``."""
+    from hf_edit.hooks import only_positions
+
+    cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
+    others = list(load_eval_data(COUNTERFACT, n=900).cases)[600:900]
+    editor = MEMITEditor(MEMITConfig(**stats_settings(args)), EditContext(model, tok))
+    layers = args.layers or list(LayerwiseConfig().resolved_for(model).layers)
+    modules = [model.get_submodule(find_layout(model).projection_name(layer)) for layer in layers]
+    flat = flatten_templates(editor.templates)
+    rows = []  # (ids, target ids): every case's prompt in every template
+    for case in cases:
+        problem = ValueProblem.build(tok, [case.request], flat)
+        rows += list(zip(problem.rows, problem.targets))
+    head = model.get_output_embeddings()
+    keep = pad_batch([encode_templated(tok, "{}", c.request).ids for c in others], pad_token_id(tok))
+    keep_at = (torch.arange(len(others)), keep["attention_mask"].sum(1) - 1)
+
+    def keep_logp() -> torch.Tensor:
+        with only_positions(head, *keep_at):
+            return torch.log_softmax(model(**keep).logits[0].float(), -1)
+
+    def rewrite_nll(batch: list) -> torch.Tensor:
+        inputs = pad_batch([row for row, _ in batch], pad_token_id(tok))
+        at = [(i, len(row) - len(t) + j, token, 1 / len(t)) for i, (row, t) in enumerate(batch)
+              for j, token in enumerate(t)]
+        r, pos, ids, w = (torch.tensor(x) for x in zip(*at))
+        with only_positions(head, r, pos):
+            logp = torch.log_softmax(model(**inputs).logits[0].float(), -1)
+        return -(logp[torch.arange(len(ids)), ids] * w.float()).sum() / len(batch)
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    original = [m.weight.detach().clone() for m in modules]
+    with torch.no_grad():
+        p0 = keep_logp()
+    out = {"n": args.n, "layers": layers, "steps": args.steps, "before": score(model, tok, cases), "rows": []}
+    print(f"\nceiling: the MLP output projections of layers {layers} fine-tuned on {args.n} cases "
+          f"({len(rows)} rewriting rows), KL on 300 other facts; unedited {out['before']}")
+    generator = torch.Generator().manual_seed(0)
+    for mu in args.mu:
+        for m in modules:
+            m.weight.requires_grad_(True)
+        optimiser = torch.optim.Adam([m.weight for m in modules], lr=args.lr)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            optimiser.zero_grad()
+            batch = [rows[i] for i in torch.randperm(len(rows), generator=generator)[:300].tolist()]
+            lp = keep_logp()
+            loss = rewrite_nll(batch) + mu * (p0.exp() * (p0 - lp)).sum(-1).mean()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            relative = [round(((m.weight - w).norm() / w.norm()).item(), 3) for m, w in zip(modules, original)]
+            row = dict(mu=mu, **score(model, tok, cases), relative_norm=relative,
+                       seconds=round(time.perf_counter() - start))
+            for m, w in zip(modules, original):
+                m.weight.copy_(w)
+                m.weight.requires_grad_(False)
+        out["rows"].append(row)
+        print(f"  μ = {mu:g}: ES {row['ES']:5.1f} PS {row['PS']:5.1f} NS {row['NS']:5.1f} S {row['S']:5.1f} | "
+              f"‖ΔW‖/‖W‖ {relative} | {row['seconds']} s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def bench_lifelong(args, model, tok) -> dict:
     from dataclasses import replace
 
@@ -350,7 +425,8 @@ def bench_lifelong(args, model, tok) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="+", choices=["speed", "memory", "projector", "quality", "lifelong"])
+    parser.add_argument("sections", nargs="+",
+                        choices=["speed", "memory", "projector", "quality", "ceiling", "lifelong"])
     parser.add_argument("--n", type=int, default=None, help="requests (speed: 50, quality: 200, lifelong: 1000)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -364,6 +440,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--ppl-windows", type=int, default=200)
+    parser.add_argument("--mu", type=float, nargs="+", default=[1.0, 10.0], help="ceiling: KL weights")
+    parser.add_argument("--steps", type=int, default=150, help="ceiling: Adam steps")
+    parser.add_argument("--lr", type=float, default=2e-3, help="ceiling: Adam learning rate")
+    parser.add_argument("--layers", type=int, nargs="*", default=None,
+                        help="ceiling: layers (default: the layer-wise method's)")
     parser.add_argument("--out", default=None, help="folder for JSON results")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -381,6 +462,9 @@ def main() -> None:
         elif section == "quality":
             args.n = args.n or 200
             results["quality"] = bench_quality(args, model, tok)
+        elif section == "ceiling":
+            args.n = args.n or 200
+            results["ceiling"] = bench_ceiling(args, model, tok)
         elif section == "lifelong":
             args.n = args.n or 1000
             results["lifelong"] = bench_lifelong(args, model, tok)
