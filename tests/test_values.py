@@ -16,7 +16,9 @@ from hf_edit.values import LogitLens, ValueProblem, ValueSettings, optimise_valu
 FLAT = ["{}", "Hello world. {}", "It was a sunny day in the town. {}"]
 REQUESTS = [EditRequest(prompt="In Paris stands {}", subject="The Eiffel Tower", target_new="Rome"),
             EditRequest(prompt="The best player is {}", subject="Lionel Messi", target_new="tennis"),
-            EditRequest(prompt="She met {} yesterday", subject="Danielle Darrieux", target_new="English language")]
+            EditRequest(prompt="She met {} yesterday", subject="Danielle Darrieux", target_new="English language"),
+            # a one-token subject at the start: the bare row and the KL row have no prefix at all (fully padded)
+            EditRequest(prompt="{} is the capital of", subject="Paris", target_new="Italy")]
 # Bloom's forward takes no position_ids: its rows always run whole (the fallback).
 ARCHITECTURES = ["gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma2", "phi", "opt",
                  "falcon", "olmo2", "bloom"]
@@ -60,7 +62,7 @@ def test_prefix_reuse_equals_whole_rows(model_type, gpt2_tokenizer):
     if model_type == "bloom":
         assert tokens == whole_tokens
     else:  # each step ran only the tokens from each row's first δ position on (the prefixes once per composition)
-        assert tokens < 0.6 * whole_tokens
+        assert tokens < 0.8 * whole_tokens
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -72,7 +74,7 @@ def test_prefix_reuse_with_subject_slots_several_modules_and_a_lens(model_type, 
     blocks = list(model.get_submodule(layout.layers))
     mlps = [model.get_submodule(layout.projection_name(i)) for i in (0, 1)]
     problems = [ValueProblem.build(gpt2_tokenizer, [r], FLAT, "subject") for r in REQUESTS]
-    assert all(p.n_slots > 1 for p in problems)
+    assert sum(p.n_slots > 1 for p in problems) == 3
     # no KL: a slot that only a KL row has (the subject's first token at the start of a sentence) then gets no
     # gradient, instead of one that is rounding noise at the first step (which Adam would scale up to ±lr)
     settings = dict(num_steps=6, lr=0.5, clamp_norm_factor=4.0, kl_factor=0.0)
