@@ -4,9 +4,7 @@ Every method that optimises a value (ROME's v*, MEMIT's z, the layer-wise δ) ru
 tokens before a row's first δ position do not depend on δ, so hf_edit runs them once into a key/value cache.  This
 script times one edit at a time (``editor.compute([request])``, keys, values and solve) on the CounterFact fact
 model with hf_edit's defaults for ROME, MEMIT and the layer-wise method, with the prefix cache and with whole rows
-at every step, interleaved request by request, and prints medians, spreads and the ratio.  ROME's single edits keep
-their own v* loop (the one compared with the reference code), so they serve as the control; its batched v* for
-independent evaluations (``ROMEEditor.compute_each``) goes through the shared optimisation::
+at every step, interleaved request by request, and prints medians, spreads and the ratio::
 
     python benchmarks/bench_values.py --n 20 --threads 2 [--out benchmarks/results]
 """

@@ -232,7 +232,7 @@ def test_float32_statistics_reproduce_float64_update(gpt2_tokenizer, stats_confi
 def test_layers_below_the_edit_run_once_without_changing_v_star(gpt2_tokenizer, stats_config, monkeypatch):
     import contextlib
 
-    import hf_edit.methods.rome.editor as rome_module
+    import hf_edit.values as values_module
 
     model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer))
     editor, target = _editor(model, gpt2_tokenizer, layers=2, v_num_grad_steps=6, early_stop_loss=0.0,
@@ -242,9 +242,10 @@ def test_layers_below_the_edit_run_once_without_changing_v_star(gpt2_tokenizer, 
     model.transformer.h[1].mlp.register_forward_hook(lambda *_: calls.__setitem__("below", calls["below"] + 1))
     model.transformer.h[2].mlp.register_forward_hook(lambda *_: calls.__setitem__("edited", calls["edited"] + 1))
     replayed = editor.compute_update(REQUEST, target)
-    assert calls["below"] == 2 and calls["edited"] == 1 + 6  # key pass + first v* step; key pass + every step
+    # below: the key pass, the pass over the rows' prefixes and the first v* step; edited: the same and every step
+    assert calls["below"] == 3 and calls["edited"] == 2 + 6
     assert "forward" not in model.transformer.h[1].__dict__  # the replay is undone
-    monkeypatch.setattr(rome_module, "replay_outputs", lambda layers: contextlib.nullcontext())
+    monkeypatch.setattr(values_module, "replay_outputs", lambda layers: contextlib.nullcontext())
     recomputed = editor.compute_update(REQUEST, target)
     torch.testing.assert_close(replayed.value, recomputed.value, rtol=0, atol=1e-6)
 

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +30,12 @@ from torch import nn
 
 from ...architecture import EditTarget, base_layer, find_layout, unwrap_model
 from ...errors import ConfigError, DisablingEditError, HfEditError, OptimizationError, UnsupportedArchitectureError
-from ...hooks import add_at_positions, add_low_rank, capture, frozen_eval, only_positions, replay_outputs
+from ...hooks import add_low_rank, capture, frozen_eval, only_positions
 from ...requests import EditRequest
 from ...stats import SecondMomentStats
 from ...templates import BARE_TEMPLATE, encode_templated, fact_position, normalise_templates, sample_context_templates
 from ...tokens import Encoded, encode_with_subject, pad_batch, pad_token_id, target_ids
-from ...values import ValueProblem, ValueSettings, optimise_values
+from ...values import ValueProblem, ValueResult, ValueSettings, optimise_values
 from ..base import EditContext, Editor, Update
 from .config import ROMEConfig
 
@@ -74,18 +74,6 @@ class RankOneUpdate:
         return Update(module=self.target.name, A=self.u[None].cpu(), B=self.rv[:, None].cpu(), requests=(request,),
                       layer=self.target.layer, info=self.info, stackable=True,
                       tensors={"key": self.key.cpu(), "value": self.value.cpu()})
-
-
-@dataclass
-class _ValueBatch:
-    """Inputs of the v* optimisation and where its loss reads the logits."""
-
-    inputs: dict[str, torch.Tensor]
-    shape: tuple[int, int]
-    positions: torch.Tensor  # fact token of each row (the N rewriting rows, then the KL row)
-    head_rows: torch.Tensor  # (row, position) pairs the LM head sees: every target position, then the KL token
-    head_positions: torch.Tensor
-    label_ids: torch.Tensor  # (N, T) target ids
 
 
 class ROMEEditor(Editor):
@@ -219,32 +207,26 @@ class ROMEEditor(Editor):
                 self.validate(request)
                 ids = target_ids(self.tokenizer, request.target_new)
                 contexts = [self._encode(template, request) for template in templates]
-                kl = encode_with_subject(self.tokenizer, "", request.subject, " is a")
+                kl = self._kl_context(request)
             except ConfigError:
                 raise
             except HfEditError as err:
                 results[index] = err
                 continue
-            positions = self._positions(contexts + [kl]).tolist()
-            problems.append(ValueProblem(rows=tuple(tuple(c.ids + ids[:-1]) for c in contexts),
-                                         positions=tuple(positions[:-1]), targets=(tuple(ids),) * len(contexts),
-                                         kl_rows=(tuple(kl.ids),), kl_positions=(positions[-1],),
-                                         label=request.subject))
+            problems.append(self._value_problem(request, contexts, ids, kl))
             jobs.append((index, request, ids, contexts))
         if not jobs:
             return results  # type: ignore[return-value]
         cfg = self.config
-        settings = ValueSettings(num_steps=cfg.v_num_grad_steps, lr=cfg.v_lr, clamp_norm_factor=cfg.clamp_norm_factor,
-                                 kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-                                 early_stop_loss=cfg.early_stop_loss)
         with frozen_eval(self.model):
             clock = time.perf_counter()
             keys, outputs = self._keys_and_outputs(module, [c for job in jobs for c in job[3]])
             key_seconds = (time.perf_counter() - clock) / len(jobs)
             clock = time.perf_counter()
             try:
-                values = optimise_values(self.model, module, problems, settings, pad_id=pad_token_id(self.tokenizer),
-                                         chunk_size=cfg.v_batch_size, frozen=self._layers_below(target))
+                values = optimise_values(self.model, module, problems, self._value_settings(),
+                                         pad_id=pad_token_id(self.tokenizer), chunk_size=cfg.v_batch_size,
+                                         frozen=self._layers_below(target))
             except OptimizationError:
                 values = None
             v_seconds = (time.perf_counter() - clock) / len(jobs)
@@ -255,10 +237,7 @@ class ROMEEditor(Editor):
         n_templates = len(templates)
         for j, ((index, request, ids, _), value) in enumerate(zip(jobs, values)):
             rows = slice(j * n_templates, (j + 1) * n_templates)
-            info = {"v_steps": value.info["steps"], "clamped": value.info["clamped"], "loss": value.info["loss"],
-                    "nll": value.info["nll"], "kl": value.info["kl"], "weight_decay": value.info["weight_decay"],
-                    "target_probability": value.info["target_probability"],
-                    "v_batch": min(len(jobs), cfg.v_batch_size or len(jobs))}
+            info = dict(_value_info(value), v_batch=min(len(jobs), cfg.v_batch_size or len(jobs)))
             timings = {"templates": template_seconds, "key": key_seconds, "v_star": v_seconds}
             try:
                 update = self._rank_one(request, target, module, keys[rows], outputs[rows], value.value,
@@ -382,21 +361,24 @@ class ROMEEditor(Editor):
             u = k_mean
         return u / u.norm()
 
-    def _value_batch(self, request: EditRequest, contexts: list[Encoded], targets: list[int],
-                     device: torch.device) -> _ValueBatch:
-        """The N rewriting rows (context + target[:-1]) and the KL row ("<subject> is a"), right-padded."""
-        kl_context = encode_with_subject(self.tokenizer, "", request.subject, " is a")
-        rows = [c.ids + targets[:-1] for c in contexts] + [kl_context.ids]
-        inputs = pad_batch(rows, pad_token_id(self.tokenizer), device)
-        positions = self._positions(contexts + [kl_context])
-        # The logit at position ℓ_j − T + i scores t_i; the KL distribution is read at the KL row's fact token.
-        n_rewrite, n_targets = len(contexts), len(targets)
-        label_rows = torch.arange(n_rewrite).repeat_interleave(n_targets)
-        label_pos = torch.cat([torch.arange(len(r) - n_targets, len(r)) for r in rows[:n_rewrite]])
-        return _ValueBatch(inputs=inputs, shape=tuple(inputs["input_ids"].shape), positions=positions,
-                           head_rows=torch.cat([label_rows, torch.tensor([n_rewrite])]),
-                           head_positions=torch.cat([label_pos, positions[-1:]]),
-                           label_ids=torch.tensor(targets, device=device).repeat(n_rewrite, 1))
+    def _kl_context(self, request: EditRequest) -> Encoded:
+        """The KL prompt "<subject> is a"."""
+        return encode_with_subject(self.tokenizer, "", request.subject, " is a")
+
+    def _value_problem(self, request: EditRequest, contexts: list[Encoded], targets: list[int],
+                       kl: Encoded) -> ValueProblem:
+        """The rows of the request's v*: every context followed by target[:-1] (δ at the fact token) and the KL row
+        "<subject> is a" (δ and the KL distribution at its fact token)."""
+        positions = self._positions(contexts + [kl]).tolist()
+        return ValueProblem(rows=tuple(tuple(c.ids + targets[:-1]) for c in contexts),
+                            positions=tuple(positions[:-1]), targets=(tuple(targets),) * len(contexts),
+                            kl_rows=(tuple(kl.ids),), kl_positions=(positions[-1],), label=request.subject)
+
+    def _value_settings(self) -> ValueSettings:
+        cfg = self.config
+        return ValueSettings(num_steps=cfg.v_num_grad_steps, lr=cfg.v_lr, clamp_norm_factor=cfg.clamp_norm_factor,
+                             kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
+                             early_stop_loss=cfg.early_stop_loss)
 
     def _layers_below(self, target: EditTarget) -> list[nn.Module]:
         """Decoder layers under the edited one: their outputs do not depend on δ, so v* computes them once."""
@@ -411,53 +393,20 @@ class ROMEEditor(Editor):
 
     def _optimise_value(self, module: nn.Module, target: EditTarget, request: EditRequest, contexts: list[Encoded],
                         targets: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Optimise δ at the fact token so the model says the target; returns (v*, v_init, diagnostics).
+        """Optimise δ at the fact token so the model says the target (:func:`~hf_edit.values.optimise_values`);
+        returns (v*, v_init, diagnostics).
 
-        Only the logits the loss reads are computed (the LM head sees those positions alone), and the decoder
-        layers below the edited one run once and are replayed at later steps: neither changes the loss.
+        Only the logits the loss reads are computed, the decoder layers below the edited one run once and are
+        replayed at later steps, and each row's tokens before its fact token run once: none changes the loss.
         """
-        cfg = self.config
-        device = base_layer(module).weight.device
-        vb = self._value_batch(request, contexts, targets, device)
-        n_rewrite, n_targets = vb.label_ids.shape
-        head = unwrap_model(self.model).get_output_embeddings()
-        delta = torch.zeros(target.out_features, dtype=torch.float32, device=device, requires_grad=True)
-        optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
-        v_init: torch.Tensor | None = None
-        log_p0: torch.Tensor | None = None
-        clamped, steps = False, 0
-        with replay_outputs(self._layers_below(target)):
-            for it in range(cfg.v_num_grad_steps):
-                optimiser.zero_grad()
-                with add_at_positions(module, delta, vb.positions, vb.shape), \
-                        only_positions(head, vb.head_rows, vb.head_positions), \
-                        (capture(module, vb.shape) if v_init is None else nullcontext()) as seen:
-                    logits = self.model(**vb.inputs, use_cache=False).logits[0].float()
-                steps += 1
-                if v_init is None:
-                    v_init = seen.outputs[0, vb.positions[0]].float().detach()
-                log_probs = torch.log_softmax(logits[:-1], dim=-1).view(n_rewrite, n_targets, -1)
-                nll = -log_probs.gather(-1, vb.label_ids[..., None]).squeeze(-1).mean(1).mean()
-                kl_log_probs = torch.log_softmax(logits[-1], dim=-1)
-                if log_p0 is None:
-                    log_p0 = kl_log_probs.detach()
-                kl = cfg.kl_factor * torch.sum(kl_log_probs.exp() * (kl_log_probs - log_p0))
-                weight_decay = cfg.v_weight_decay * delta.norm() / v_init.norm() ** 2
-                loss = nll + kl + weight_decay
-                if not torch.isfinite(loss):
-                    raise OptimizationError(
-                        f"The v* optimisation for {request.subject!r} produced a non-finite loss at step {it}. "
-                        "Nothing was applied; try a smaller v_lr or check the model's precision.")
-                if loss.item() < cfg.early_stop_loss or it == cfg.v_num_grad_steps - 1:
-                    break
-                (delta.grad,) = torch.autograd.grad(loss, [delta])
-                optimiser.step()
-                max_norm = cfg.clamp_norm_factor * v_init.norm()
-                if delta.norm() > max_norm:
-                    clamped = True
-                    with torch.no_grad():
-                        delta.mul_(max_norm / delta.norm())
-        delta = delta.detach()
-        info = dict(v_steps=steps, clamped=clamped, loss=loss.item(), nll=nll.item(), kl=kl.item(),
-                    weight_decay=weight_decay.item(), target_probability=float(torch.exp(-nll).item()))
-        return v_init + delta, v_init, info
+        problem = self._value_problem(request, contexts, targets, self._kl_context(request))
+        (value,) = optimise_values(self.model, module, [problem], self._value_settings(),
+                                   pad_id=pad_token_id(self.tokenizer), frozen=self._layers_below(target))
+        return value.value, value.init, _value_info(value)
+
+
+def _value_info(value: ValueResult) -> dict[str, Any]:
+    """ROME's diagnostics of a v* optimisation."""
+    info = value.info
+    return {"v_steps": info["steps"], "clamped": info["clamped"], "loss": info["loss"], "nll": info["nll"],
+            "kl": info["kl"], "weight_decay": info["weight_decay"], "target_probability": info["target_probability"]}
