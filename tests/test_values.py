@@ -86,3 +86,22 @@ def test_prefix_reuse_with_subject_slots_several_modules_and_a_lens(model_type, 
     whole, _ = _run(model, blocks[0], problems, settings, reuse=False, frozen=blocks[:1], lens=lens)
     cached, _ = _run(model, blocks[0], problems, settings, reuse=True, frozen=blocks[:1], lens=lens)
     _assert_same(cached, whole)
+
+
+def test_a_model_that_fills_no_plain_cache_runs_whole_rows_and_is_asked_once(gpt2_tokenizer, monkeypatch):
+    """When the prefix pass yields no usable cache, the rows run whole, and later batch compositions (requests that
+    stop early) do not try the prefix pass again."""
+    import hf_edit.values as values_module
+
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), initializer_range=0.1)
+    blocks = list(model.get_submodule(find_layout(model).layers))
+    problems = [ValueProblem.build(gpt2_tokenizer, [r], FLAT) for r in REQUESTS]
+    settings = dict(num_steps=8, lr=0.5, clamp_norm_factor=4.0, early_stop_loss=8.0)
+    whole, whole_tokens = _run(model, blocks[1], problems, settings, reuse=False, frozen=blocks[:2])
+    calls = []
+    monkeypatch.setattr(values_module, "_prefix_states", lambda *args: calls.append(args) or None)
+    refused, tokens = _run(model, blocks[1], problems, settings, reuse=True, frozen=blocks[:2])
+    assert len({r.info["steps"] for r in whole}) > 1 and len(calls) == 1
+    assert tokens == whole_tokens
+    for a, b in zip(refused, whole):
+        assert torch.equal(a.delta, b.delta) and a.info["steps"] == b.info["steps"]

@@ -89,6 +89,14 @@ class ValueSettings:
     early_stop_loss: float = 5e-2
     reuse_prefix: bool = True
 
+    @classmethod
+    def from_config(cls, config: Any) -> ValueSettings:
+        """The settings a method config names with the reference's hyperparameters (``v_num_grad_steps``,
+        ``v_lr``, ``clamp_norm_factor``, ``kl_factor``, ``v_weight_decay``, ``early_stop_loss``)."""
+        return cls(num_steps=config.v_num_grad_steps, lr=config.v_lr, clamp_norm_factor=config.clamp_norm_factor,
+                   kl_factor=config.kl_factor, weight_decay=config.v_weight_decay,
+                   early_stop_loss=config.early_stop_loss)
+
 
 @dataclass(frozen=True)
 class ValueProblem:
@@ -283,7 +291,7 @@ class _Layout:
         if self.past is None:
             return dict(self.inputs, use_cache=False)
         mask = torch.cat([self.prefix["attention_mask"], self.inputs["attention_mask"]], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, self.prefix["attention_mask"].shape[1]:]
+        positions = _mask_positions(mask)[:, self.prefix["attention_mask"].shape[1]:]
         return {"input_ids": self.inputs["input_ids"], "attention_mask": mask, "position_ids": positions,
                 cache_name: DynamicCache(ddp_cache_data=self.past), "use_cache": True}
 
@@ -298,7 +306,12 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
     mask = mask.to(device)
-    return {"input_ids": ids.to(device), "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+    return {"input_ids": ids.to(device), "attention_mask": mask, "position_ids": _mask_positions(mask)}
+
+
+def _mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's unmasked tokens (padding: that of the last token before it, or 0)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def _prefix_cache_argument(model: nn.Module) -> str | None:
@@ -368,23 +381,24 @@ def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], p
     order = list(range(len(problems)))
     if settings.reuse_prefix and size < len(problems):  # chunks of similar lengths: less padding
         order.sort(key=lambda p: max(end - start for start, end in problems[p].spans()))
+    cache_name = _prefix_cache_argument(model) if settings.reuse_prefix else None
     results: dict[int, ValueResult] = {}
     for start in range(0, len(problems), size):
         chunk = order[start:start + size]
         done = _optimise_chunk(model, modules, [problems[p] for p in chunk], settings, pad_id=pad_id,
-                               frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module))
+                               frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module),
+                               cache_name=cache_name)
         results.update(zip(chunk, done))
     return [results[p] for p in range(len(problems))]
 
 
 def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequence[ValueProblem],
                     settings: ValueSettings, *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None,
-                    one_module: bool) -> list[ValueResult]:
+                    one_module: bool, cache_name: str | None) -> list[ValueResult]:
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     n = len(problems)
     state = _State([p.n_slots for p in problems], len(modules), device)
-    cache_name = _prefix_cache_argument(model) if settings.reuse_prefix else None
     log_p0: list[torch.Tensor | None] = [None] * n
     steps, clamped = [0] * n, [False] * n
     final: dict[int, dict[str, float]] = {}
@@ -400,7 +414,8 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
                 layout = _Layout(problems, active, pad_id, device, split=cache_name is not None)
                 if layout.prefix is not None:
                     layout.past = _prefix_states(model, layout, cache_name)
-                    if layout.past is None:
+                    if layout.past is None:  # the model filled no plain cache: whole rows from now on
+                        cache_name = None
                         layout = _Layout(problems, active, pad_id, device)
                 replay.enter_context(replay_outputs(frozen))
             nll, kl_logp = _forward(model, modules, head, lens, layout, state, active, cache_name)

@@ -405,10 +405,8 @@ class MassEditor(Editor):
         return keys, H
 
     def value_settings(self) -> ValueSettings:
-        cfg = self.config
-        return ValueSettings(num_steps=cfg.v_num_grad_steps, lr=cfg.v_lr, clamp_norm_factor=cfg.clamp_norm_factor,
-                             kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-                             early_stop_loss=cfg.early_stop_loss)
+        """How z (or δ) is optimised: the config's values (:meth:`~hf_edit.values.ValueSettings.from_config`)."""
+        return ValueSettings.from_config(self.config)
 
     def compute_z(self, units: list[list[EditRequest]], z_layer: int) -> list[ValueResult]:
         """z = h + δ of every unit at the output of block ``z_layer`` (batched, see :mod:`.values`)."""

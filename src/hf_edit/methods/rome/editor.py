@@ -224,7 +224,7 @@ class ROMEEditor(Editor):
             key_seconds = (time.perf_counter() - clock) / len(jobs)
             clock = time.perf_counter()
             try:
-                values = optimise_values(self.model, module, problems, self._value_settings(),
+                values = optimise_values(self.model, module, problems, ValueSettings.from_config(self.config),
                                          pad_id=pad_token_id(self.tokenizer), chunk_size=cfg.v_batch_size,
                                          frozen=self._layers_below(target))
             except OptimizationError:
@@ -374,12 +374,6 @@ class ROMEEditor(Editor):
                             positions=tuple(positions[:-1]), targets=(tuple(targets),) * len(contexts),
                             kl_rows=(tuple(kl.ids),), kl_positions=(positions[-1],), label=request.subject)
 
-    def _value_settings(self) -> ValueSettings:
-        cfg = self.config
-        return ValueSettings(num_steps=cfg.v_num_grad_steps, lr=cfg.v_lr, clamp_norm_factor=cfg.clamp_norm_factor,
-                             kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-                             early_stop_loss=cfg.early_stop_loss)
-
     def _layers_below(self, target: EditTarget) -> list[nn.Module]:
         """Decoder layers under the edited one: their outputs do not depend on δ, so v* computes them once."""
         model = unwrap_model(self.model)
@@ -400,7 +394,7 @@ class ROMEEditor(Editor):
         replayed at later steps, and each row's tokens before its fact token run once: none changes the loss.
         """
         problem = self._value_problem(request, contexts, targets, self._kl_context(request))
-        (value,) = optimise_values(self.model, module, [problem], self._value_settings(),
+        (value,) = optimise_values(self.model, module, [problem], ValueSettings.from_config(self.config),
                                    pad_id=pad_token_id(self.tokenizer), frozen=self._layers_below(target))
         return value.value, value.init, _value_info(value)
 
