@@ -32,3 +32,15 @@ def median_seconds(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_seconds(variants: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Wall times of ``runs`` calls of each variant, interleaved (one call of each, ``runs`` times over), so that a
+    change in the machine's load falls on all variants alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds

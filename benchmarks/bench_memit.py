@@ -51,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _shared import COUNTERFACT, WIKITEXT, fact_model_path
+from _shared import COUNTERFACT, WIKITEXT, fact_model_path, interleaved_seconds
 from bench_rome import peak_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,12 +170,7 @@ def bench_speed(args, model, tok) -> dict:
                 "hf_edit, whole rows every step": lambda: whole_rows.compute(requests)}
     for run in variants.values():  # warm-up: statistics, templates, Cholesky factors, allocator
         run() if run is not variants["reference-style"] else reference_style_batch(editor, requests[:2])
-    timings: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.runs):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            timings[name].append(time.perf_counter() - start)
+    timings = interleaved_seconds(variants, args.runs)
     base = statistics.median(timings["reference-style"])
     z = editor.compute(requests)[0].info
     ours = torch.stack([r.value for r in editor.compute_z(editor.group_requests(requests),

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _shared import CF_FACTS, COUNTERFACT, WIKITEXT  # sets offline mode before transformers is imported
+from _shared import CF_FACTS, COUNTERFACT, WIKITEXT, interleaved_seconds  # sets offline mode before transformers is imported
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -622,12 +622,7 @@ def run_layers(args: argparse.Namespace) -> None:
                 "hf_edit float64, one layer at a time": hf_edit(False, "float64"),
                 "hf_edit float64, all layers in one pass": hf_edit(True, "float64"),
                 "hf_edit float32, all layers in one pass": hf_edit(True, "float32")}
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.runs):  # interleaved
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
+    seconds = interleaved_seconds(variants, args.runs)
     medians = {name: statistics.median(v) for name, v in seconds.items()}
     ref32 = medians["reference-style float32, one layer at a time"]
     ref64 = medians["reference-style float64, one layer at a time"]
