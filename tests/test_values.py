@@ -105,3 +105,37 @@ def test_a_model_that_fills_no_plain_cache_runs_whole_rows_and_is_asked_once(gpt
     assert tokens == whole_tokens
     for a, b in zip(refused, whole):
         assert torch.equal(a.delta, b.delta) and a.info["steps"] == b.info["steps"]
+
+
+def test_progress_bar_counts_every_problem_as_it_stops(gpt2_tokenizer, monkeypatch):
+    """Long batches show a bar over the problems, advanced as each stops (across chunks); a single problem or
+    progress=False shows none."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, leave):
+            self.total, self.desc, self.count = total, desc, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.count += n
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    model = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer), initializer_range=0.1)
+    blocks = list(model.get_submodule(find_layout(model).layers))
+    problems = [ValueProblem.build(gpt2_tokenizer, [r], FLAT) for r in REQUESTS]
+    settings = ValueSettings(num_steps=4, lr=0.5, clamp_norm_factor=4.0)
+    run = lambda ps, **kw: optimise_values(model, blocks[1], ps, settings, pad_id=0, frozen=blocks[:2], **kw)
+    with frozen_eval(model):
+        run(problems, progress=True, description="test z", chunk_size=3)
+        run(problems[:1], progress=True, description="one z")
+        run(problems, description="quiet z")
+    assert [(b.desc, b.total, b.count) for b in bars] == [("test z", len(problems), len(problems))]

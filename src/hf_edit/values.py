@@ -44,9 +44,10 @@ Two users:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -351,7 +352,8 @@ def _prefix_states(model: nn.Module, layout: _Layout,
 
 def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], problems: Sequence[ValueProblem],
                     settings: ValueSettings, *, pad_id: int, chunk_size: int | None = None,
-                    frozen: Sequence[nn.Module] = (), lens: LogitLens | None = None) -> list[ValueResult]:
+                    frozen: Sequence[nn.Module] = (), lens: LogitLens | None = None, progress: bool = False,
+                    description: str = "values") -> list[ValueResult]:
     """Optimise one δ per problem, added to ``module``'s output at the problems' positions (see the module doc).
 
     The model's parameters must not require gradients (use :func:`hf_edit.hooks.frozen_eval`).
@@ -370,6 +372,8 @@ def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], p
         frozen: modules whose outputs do not depend on δ (e.g. the decoder layers up to ``module``'s); each runs
             once per batch composition and is replayed at later steps.
         lens: read the NLL through a logit lens at an intermediate layer instead of the model's logits.
+        progress: show a progress bar over the problems (advanced as each one stops), for two or more.
+        description: the progress bar's label.
 
     Raises:
         OptimizationError: a problem's loss became NaN or infinite (its label names it).
@@ -383,18 +387,32 @@ def optimise_values(model: nn.Module, module: nn.Module | Sequence[nn.Module], p
         order.sort(key=lambda p: max(end - start for start, end in problems[p].spans()))
     cache_name = _prefix_cache_argument(model) if settings.reuse_prefix else None
     results: dict[int, ValueResult] = {}
-    for start in range(0, len(problems), size):
-        chunk = order[start:start + size]
-        done = _optimise_chunk(model, modules, [problems[p] for p in chunk], settings, pad_id=pad_id,
-                               frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module),
-                               cache_name=cache_name)
-        results.update(zip(chunk, done))
+    with _progress_bar(len(problems) if progress else 0, description) as bar:
+        for start in range(0, len(problems), size):
+            chunk = order[start:start + size]
+            done = _optimise_chunk(model, modules, [problems[p] for p in chunk], settings, pad_id=pad_id,
+                                   frozen=frozen, lens=lens, one_module=isinstance(module, nn.Module),
+                                   cache_name=cache_name, on_stop=bar.update)
+            results.update(zip(chunk, done))
     return [results[p] for p in range(len(problems))]
+
+
+@contextmanager
+def _progress_bar(total: int, description: str) -> Iterator[Any]:
+    """A tqdm bar over ``total`` problems, or (for fewer than two) an object whose ``update`` does nothing."""
+    if total < 2:
+        yield SimpleNamespace(update=lambda n=1: None)
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=description, leave=False) as bar:
+        yield bar
 
 
 def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequence[ValueProblem],
                     settings: ValueSettings, *, pad_id: int, frozen: Sequence[nn.Module], lens: LogitLens | None,
-                    one_module: bool, cache_name: str | None) -> list[ValueResult]:
+                    one_module: bool, cache_name: str | None,
+                    on_stop: Callable[[int], object] = lambda n: None) -> list[ValueResult]:
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     n = len(problems)
@@ -465,6 +483,7 @@ def _optimise_chunk(model: nn.Module, modules: list[nn.Module], problems: Sequen
                             clamped[p] = True
                             state.deltas[p][over] *= (max_norm[over] / norm[over])[:, None]
             if finished:
+                on_stop(len(finished))
                 active = [active[local] for local in going]
                 layout = None
     results = []

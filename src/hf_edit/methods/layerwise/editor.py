@@ -117,7 +117,8 @@ class LayerwiseEditor(EMMETEditor):
         for factor in (settings.clamp_norm_factor, *ladder):
             done = optimise_values(self.model, modules, [problems[i] for i in todo],
                                    replace(settings, clamp_norm_factor=factor), pad_id=pad_token_id(self.tokenizer),
-                                   chunk_size=self.config.z_batch_size, frozen=blocks[:targets[0].layer])
+                                   chunk_size=self.config.z_batch_size, frozen=blocks[:targets[0].layer],
+                                   progress=self.context.progress, description=f"layer-wise δ (clamp {factor:g})")
             for i, result in zip(todo, done):
                 result.info["clamp_norm_factor"] = factor
                 results[i] = result

@@ -424,7 +424,8 @@ class MassEditor(Editor):
         with frozen_eval(self.model):
             return optimise_values(self.model, blocks[z_layer], problems, self.value_settings(),
                                    pad_id=pad_token_id(self.tokenizer), chunk_size=self.config.z_batch_size,
-                                   frozen=blocks[:z_layer + 1], lens=lens)
+                                   frozen=blocks[:z_layer + 1], lens=lens, progress=self.context.progress,
+                                   description=f"{self.config.name} z")
 
 
 class MEMITEditor(MassEditor):

@@ -226,7 +226,8 @@ class ROMEEditor(Editor):
             try:
                 values = optimise_values(self.model, module, problems, ValueSettings.from_config(self.config),
                                          pad_id=pad_token_id(self.tokenizer), chunk_size=cfg.v_batch_size,
-                                         frozen=self._layers_below(target))
+                                         frozen=self._layers_below(target), progress=self.context.progress,
+                                         description="ROME v*")
             except OptimizationError:
                 values = None
             v_seconds = (time.perf_counter() - clock) / len(jobs)
