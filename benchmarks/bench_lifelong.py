@@ -17,7 +17,8 @@ Edits: the 900 full CounterFact records (``counterfact-subset.json``), then Easy
 (``counterfact-{train,edit,val}.easyedit.json``) to reach ``--n``; a case whose subject already occurs earlier in
 the sequence (or whose case_id does) is skipped, since two edits of one subject share a key.  ROME edits one request
 at a time; its "batch" is ``--batch`` sequential edits.  The JSON (``--out``/lifelong-<label>.json) is rewritten
-after every checkpoint, so a partial run is usable.  ``--plot`` draws every lifelong-*.json of ``--out`` on one PNG.
+after every checkpoint, so a partial run is usable.  ``--plot`` draws every lifelong-*.json of ``--out`` on one PNG
+and writes their checkpoints as one table (``lifelong.md``).
 
 Usage::
 
@@ -238,6 +239,29 @@ def plot(folder: Path) -> Path:
     return target
 
 
+def table(folder: Path) -> Path:
+    """``lifelong.md``: every run's checkpoints (retention, NS, perplexity ratio, KL) as one Markdown table."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("lifelong-*.json"))]
+    lines = ["# Lifelong editing on the fact model", "",
+             f"Goal: retention ≥ {GOAL['retention_es']:g} %, NS ≥ {GOAL['ns']:g} %, perplexity ≤ "
+             f"{GOAL['perplexity_ratio']:g}× the unedited model's. Written by `python benchmarks/bench_lifelong.py "
+             "--plot` from the lifelong-*.json here; n = edits so far (every edit's rewrite prompt for retention, "
+             "every edited case's neighbourhood prompts for NS).", "",
+             "| run | settings | edits | retention ES | NS (unedited) | perplexity ratio | KL | last batch ES | "
+             "edit time |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        settings = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "defaults"
+        if not r.get("finished", True):
+            settings += f" (stopped before {r['n']} edits)"
+        for c in r["checkpoints"]:
+            lines.append(f"| {r['label']} | {settings} | {c['edits']} | {c['retention_es']:.1f} | {c['ns']:.1f} "
+                         f"({c['ns_unedited']:.1f}) | {c['perplexity_ratio']:.2f} | {c['kl']:.3f} | "
+                         f"{c['es_last_batch']:.0f} | {c['edit_seconds']:.0f} s |")
+    target = folder / "lifelong.md"
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="alphaedit", choices=[*sorted(CONFIGS), "rome-original",
@@ -254,10 +278,11 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=200)
     parser.add_argument("--kl-windows", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--plot", action="store_true", help="only draw lifelong.png from --out's lifelong-*.json")
+    parser.add_argument("--plot", action="store_true", help="only draw lifelong.png (and write lifelong.md) from "
+                                                              "--out's lifelong-*.json")
     args = parser.parse_args()
     if args.plot:
-        print(f"wrote {plot(args.out)}")
+        print(f"wrote {plot(args.out)} and {table(args.out)}")
         return
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)

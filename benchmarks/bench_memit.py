@@ -6,9 +6,9 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
     python benchmarks/bench_memit.py speed --n 50 --runs 3 --threads 2
     python benchmarks/bench_memit.py memory --sizes 1 10 50 100 200
     python benchmarks/bench_memit.py projector [--allocate]
+    python benchmarks/bench_memit.py nullspace --out benchmarks/results
     python benchmarks/bench_memit.py quality --n 200 [--reference] [--recipe] --out benchmarks/results
     python benchmarks/bench_memit.py ceiling --n 200 --mu 1 10 30 100
-    python benchmarks/bench_memit.py lifelong --n 1000 --batch 10 --every 100
 
 * **speed**: one MEMIT batch of ``--n`` CounterFact requests (templates, z, keys and solve of every layer) on
   hf_edit's default path, on the same path running whole rows at every z step (``reuse_prefix=False``), and
@@ -21,6 +21,9 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
   factored (the kept eigenvectors, or the others when fewer) against dense, and of the key cache against the
   reference's dense ``cache_c``; with ``--allocate`` a random C of that size is built and decomposed once (1.6 GB
   per float64 matrix; minutes on a CPU).
+* **nullspace**: for each of AlphaEdit's layers, the nullity of C at ``nullspace_threshold`` and the share of the
+  keys' variance those directions hold (what the projector leaves unprotected), and how many directions hold
+  0.1 % / 1 % / 10 % of it.
 * **quality**: ``--n`` CounterFact cases (``counterfact-subset.json``) edited in ONE call of each configuration; ES,
   PS, NS (and S) before and after, with what limits the edit: the z optimisation's target probability and how many
   δ ended on the clamp, the fraction of each layer's residual share the update leaves unexplained (``fit``), and
@@ -30,9 +33,7 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
 * **ceiling**: what any update of the edited modules can reach on ``--n`` cases: the MLP output projections of the
   layer-wise method's layers (or ``--layers``) fine-tuned directly on the cases' rewriting prompts, with ``μ`` · KL
   on other facts' prompts (cases 600–899), for each ``--mu`` (:func:`bench_ceiling`).
-* **lifelong**: ``--n`` edits in batches of ``--batch`` with one method (AlphaEdit by default), each batch on the
-  model edited so far: every ``--every`` edits, retention (ES of all edits so far), NS of the edited cases, and the
-  WikiText-2 test perplexity against the unedited model's; JSON written after every checkpoint (``--out``).
+Lifelong editing (batches one after another) is ``bench_lifelong.py``.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_edit import AlphaEditConfig, EditedModel, EMMETConfig, LayerwiseConfig, MEMITConfig
 from hf_edit.architecture import find_layout
 from hf_edit.evaluation import counterfact_case_metrics, counterfact_nlls, load_eval_data, summarize
-from hf_edit.evaluation.perplexity import perplexity, token_windows
 from hf_edit.hooks import add_low_rank, frozen_eval
 from hf_edit.methods import EditContext
+from hf_edit.methods.alphaedit.editor import AlphaEditEditor
 from hf_edit.methods.memit import MEMITEditor
 from hf_edit.methods.memit.solve import memit_dense, null_space
 from hf_edit.methods.memit.templates import flatten_templates
@@ -246,6 +247,33 @@ def bench_projector(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def bench_nullspace(args, model, tok) -> dict:
+    """How much of the preserved keys' variance AlphaEdit's "null space" holds on this model: for each edited layer,
+    the eigenvalues of C = E[kkᵀ] (the statistics AlphaEdit uses), the nullity at ``nullspace_threshold``, the
+    fraction of C's trace in those directions (what the projector leaves unprotected), and how many directions
+    hold 0.1 % / 1 % / 10 % of it."""
+    config = AlphaEditConfig(**stats_settings(args))
+    editor = AlphaEditEditor(config, EditContext(model, tok))
+    out = {"threshold": config.nullspace_threshold, "layers": []}
+    print(f"\nAlphaEdit null space on {fact_model_path().name} (threshold {config.nullspace_threshold:g}, "
+          f"statistics: {args.stats_texts} WikiText-2 texts)")
+    for target in editor.targets():
+        eigenvalues = torch.linalg.eigvalsh(editor.stats_for(target).second_moment().double())
+        share = torch.cumsum(eigenvalues, 0) / eigenvalues.sum()
+        small = eigenvalues < config.nullspace_threshold
+        row = {"layer": target.layer, "width": eigenvalues.numel(), "nullity": int(small.sum()),
+               "variance_in_null_space": eigenvalues[small].sum().item() / eigenvalues.sum().item(),
+               "largest_eigenvalue": eigenvalues.max().item(), "trace": eigenvalues.sum().item(),
+               "directions_holding": {f"{f:g}": int((share <= f).sum()) for f in (1e-3, 1e-2, 1e-1)}}
+        out["layers"].append(row)
+        print(f"  layer {row['layer']}: nullity {row['nullity']} of {row['width']}, holding "
+              f"{100 * row['variance_in_null_space']:.1f} % of the keys' variance (trace {row['trace']:.1f}, "
+              f"largest eigenvalue {row['largest_eigenvalue']:.2f}); 0.1 % / 1 % / 10 % of the variance lie in "
+              f"{' / '.join(str(v) for v in row['directions_holding'].values())} directions", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def score(model, tok, cases) -> dict:
     summary = summarize([counterfact_case_metrics(x) for x in counterfact_nlls(model, tok, cases)])
     return {k: round(summary[k]["mean"], 1) for k in ("ES", "PS", "NS", "S") if k in summary}
@@ -379,50 +407,11 @@ def bench_ceiling(args, model, tok) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-def bench_lifelong(args, model, tok) -> dict:
-    from dataclasses import replace
-
-    cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
-    texts = (WIKITEXT / "wiki.test.raw").read_text().splitlines()
-    windows = token_windows(tok, texts, 64, max_windows=args.ppl_windows)
-    base_ppl = perplexity(model, windows)
-    config = CONFIGS[args.method](**stats_settings(args))
-    edited = EditedModel(model, tok, method=config, progress=False)
-    out = {"method": args.method, "config": config.to_dict(), "batch": args.batch, "base_perplexity": base_ppl,
-           "checkpoints": []}
-    only = lambda case, kind: replace(case, paraphrase_prompts=(), attribute_prompts=(),  # noqa: E731
-                                      generation_prompts=(), neighborhood_prompts=case.neighborhood_prompts
-                                      if kind == "neighborhood" else ())
-    print(f"\nlifelong {args.method}: {args.n} edits in batches of {args.batch}; unedited perplexity {base_ppl:.2f}")
-    start = time.perf_counter()
-    for first in range(0, len(cases), args.batch):
-        edited.edit([c.request for c in cases[first:first + args.batch]])
-        done = first + args.batch
-        if done % args.every and done < len(cases):
-            continue
-        so_far = cases[:done]
-        es = [counterfact_case_metrics(n)["ES"] for n in counterfact_nlls(
-            edited.model, tok, [only(c, "rewrite") for c in so_far])]
-        ns = [counterfact_case_metrics(n)["NS"] for n in counterfact_nlls(
-            edited.model, tok, [only(c, "neighborhood") for c in so_far])]
-        point = {"edits": done, "retention_es": 100 * statistics.mean(es), "ns": 100 * statistics.mean(ns),
-                 "perplexity": perplexity(edited.model, windows), "seconds": time.perf_counter() - start}
-        point["perplexity_ratio"] = point["perplexity"] / base_ppl
-        out["checkpoints"].append(point)
-        print(f"  {done:5d} edits: retention ES {point['retention_es']:5.1f}  NS {point['ns']:5.1f}  perplexity "
-              f"{point['perplexity']:.2f} ({point['perplexity_ratio']:.2f}x)  {point['seconds']:.0f} s", flush=True)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"lifelong-{args.method}.json").write_text(json.dumps(out, indent=1))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="+",
-                        choices=["speed", "memory", "projector", "quality", "ceiling", "lifelong"])
-    parser.add_argument("--n", type=int, default=None, help="requests (speed: 50, quality: 200, lifelong: 1000)")
+                        choices=["speed", "memory", "projector", "nullspace", "quality", "ceiling"])
+    parser.add_argument("--n", type=int, default=None, help="requests (speed: 50, quality: 200)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 100, 200])
@@ -431,10 +420,6 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="quality: also the reference's GPT-2 XL values")
     parser.add_argument("--recipe", action="store_true", help="quality: also SMALL_MODEL_RECIPE")
     parser.add_argument("--allocate", action="store_true", help="projector: decompose a random 14,336² C")
-    parser.add_argument("--method", default="alphaedit", choices=sorted(CONFIGS), help="lifelong: the method")
-    parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--ppl-windows", type=int, default=200)
     parser.add_argument("--mu", type=float, nargs="+", default=[1.0, 10.0], help="ceiling: KL weights")
     parser.add_argument("--steps", type=int, default=150, help="ceiling: Adam steps")
     parser.add_argument("--lr", type=float, default=2e-3, help="ceiling: Adam learning rate")
@@ -454,15 +439,14 @@ def main() -> None:
             results["memory"] = bench_memory(args, model, tok)
         elif section == "projector":
             results["projector"] = bench_projector(args)
+        elif section == "nullspace":
+            results["nullspace"] = bench_nullspace(args, model, tok)
         elif section == "quality":
             args.n = args.n or 200
             results["quality"] = bench_quality(args, model, tok)
         elif section == "ceiling":
             args.n = args.n or 200
             results["ceiling"] = bench_ceiling(args, model, tok)
-        elif section == "lifelong":
-            args.n = args.n or 1000
-            results["lifelong"] = bench_lifelong(args, model, tok)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for section, result in results.items():
