@@ -199,6 +199,19 @@ def run(args) -> Path:
     return target
 
 
+#: Short names of the overridden settings in the plot's legend.
+SHORT = {"clamp_norm_factor": "clamp", "v_num_grad_steps": "steps", "prompt_preservation": "μ",
+         "mom2_update_weight": "λ", "nullspace_threshold": "threshold"}
+
+
+def legend(run: dict) -> str:
+    """A run's label with its overridden settings, e.g. ``alphaedit (clamp 4, steps 40, μ 10)``."""
+    settings = ", ".join(f"{SHORT.get(k, k)} {v:g}" if isinstance(v, (int, float)) else f"{SHORT.get(k, k)} {v}"
+                         for k, v in run.get("overrides", {}).items())
+    stopped = "" if run.get("finished", True) else ", stopped"
+    return f"{run['label']} ({settings or 'defaults'}{stopped})"
+
+
 def plot(folder: Path) -> Path:
     import matplotlib
 
@@ -217,7 +230,7 @@ def plot(folder: Path) -> Path:
             points = [(0, {"retention_es": None, "ns": r["unedited"]["ns_all"], "perplexity_ratio": 1.0,
                            "kl": None}[key])] + [(c["edits"], c[key]) for c in r["checkpoints"]]
             points = [p for p in points if p[1] is not None and (not log or p[1] > 0)]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, label=r["label"])
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, label=legend(r))
         if goal is not None:
             ax.axhline(goal, color="grey", ls="--", lw=1, label="goal")
         ax.set_title(title, fontsize=10)
