@@ -98,6 +98,13 @@ def test_sequential_protocol_in_calls_of_edit_batch_size(gpt2_tokenizer, cases, 
     assert [c["summary"]["ES"]["n"] for c in result.checkpoints] == [2, 4]
     assert [c["capability"]["perplexity_ratio"] for c in result.checkpoints] == pytest.approx(ratios, rel=1e-5)
     assert result.capability["post"] == result.checkpoints[-1]["capability"]
+    lines = result.table().splitlines()  # the curve, one row per checkpoint: edits, n, metrics, ppl ratio, KL
+    at = lines.index(next(line for line in lines if line.startswith("checkpoints")))
+    assert lines[at + 1].split()[:3] == ["edits", "n", "ES"] and lines[at + 1].split()[-3:] == ["ppl", "ratio", "KL"]
+    for line, point in zip(lines[at + 2:at + 4], result.checkpoints):
+        cells = line.split()
+        assert cells[:3] == [str(point["edits"]), str(point["edits"]), f"{point['summary']['ES']['mean']:.2f}"]
+        assert cells[-2] == f"{point['capability']['perplexity_ratio']:.3f}"
 
 
 def test_one_bad_request_of_a_batch_is_recorded_and_the_rest_applied(gpt2_tokenizer, cases, monkeypatch):

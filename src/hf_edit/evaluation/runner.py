@@ -170,8 +170,9 @@ class EvaluationResult:
 
     def table(self) -> str:
         """The summary as a text table: one row per metric, pre and post columns (mean ± standard error), each
-        headed by the number of cases behind it; then the cases whose edit failed or was refused (case id, error
-        type, first line of the message), which the post column leaves out."""
+        headed by the number of cases behind it; the general-capability check; the sequential protocol's checkpoints
+        (one row each); then the cases whose edit failed or was refused (case id, error type, first line of the
+        message), which the post column leaves out."""
         phases = [p for p in ("pre", "post") if self.summary.get(p)]
         names = list(dict.fromkeys(n for p in phases for n in self.summary[p]))
         names.sort(key=lambda n: _DISPLAY_ORDER.index(n) if n in _DISPLAY_ORDER else len(_DISPLAY_ORDER))
@@ -182,7 +183,8 @@ class EvaluationResult:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         title = (f"{self.data.get('format')} · {self.method} · protocol={self.protocol} · "
                  f"n={self.data.get('n')} · {self.timing.get('cases_per_second', float('nan')):.3f} cases/s")
-        return "\n".join([title, *lines, *_capability_lines(self.capability), *_failure_lines(self.cases)])
+        return "\n".join([title, *lines, *_capability_lines(self.capability), *_checkpoint_lines(self.checkpoints),
+                          *_failure_lines(self.cases)])
 
     def __str__(self) -> str:
         return self.table()
@@ -232,6 +234,28 @@ def _capability_lines(capability: Mapping[str, Any] | None) -> list[str]:
     return [f"capability: perplexity {pre['perplexity']:.3f} -> {post['perplexity']:.3f} "
             f"(x{post['perplexity_ratio']:.3f}, {pre.get('windows')} windows); next-token KL on "
             f"{pre.get('kl_prompts')} unrelated prompts {post.get('kl', float('nan')):.4f}"]
+
+
+def _checkpoint_lines(checkpoints: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sequential protocol's curve: per checkpoint, the edits made, the cases edited so far that were scored
+    (n), each metric's mean over them and, with a capability check, the perplexity ratio and KL then."""
+    if not checkpoints:
+        return []
+    names = [n for n in _DISPLAY_ORDER if any(n in c.get("summary", {}) for c in checkpoints)]
+    capability = any(c.get("capability") for c in checkpoints)
+    header = ["edits", "n", *names, *(["ppl ratio", "KL"] if capability else [])]
+    rows = []
+    for point in checkpoints:
+        summary, cap = point.get("summary", {}), point.get("capability") or {}
+        row = [str(point["edits"]), str(point.get("successful_edits", "-")),
+               *(f"{summary[n]['mean']:.2f}" if n in summary else "-" for n in names)]
+        if capability:
+            row += [f"{cap['perplexity_ratio']:.3f}" if "perplexity_ratio" in cap else "-",
+                    f"{cap['kl']:.4f}" if "kl" in cap else "-"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["checkpoints (n: the cases edited so far, scored after that many edits):",
+            *("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])]
 
 
 def _cell(value: Mapping[str, float] | None) -> str:
