@@ -1,5 +1,5 @@
 """What the benchmark scripts share: offline mode, the paths of ``../shared/data``, the model they measure and
-the median timer.  Import it before transformers/datasets (it sets their offline switches unless already set)."""
+the median timer, the lifelong edit sequence.  Import it before transformers/datasets (it sets their offline switches unless already set)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -17,6 +18,7 @@ CF_FACTS = SHARED / "models" / "cf-facts-gpt2"
 STORIES = SHARED / "models" / "stories260K"
 COUNTERFACT = SHARED / "counterfact" / "counterfact-subset.json"
 WIKITEXT = SHARED / "corpus" / "wikitext-2-raw"
+EASYEDIT = [SHARED / "counterfact" / f"counterfact-{s}.easyedit.json" for s in ("train", "edit", "val")]
 
 
 def fact_model_path() -> Path:
@@ -44,3 +46,34 @@ def interleaved_seconds(variants: dict[str, Callable[[], object]], runs: int) ->
             run()
             seconds[name].append(time.perf_counter() - start)
     return seconds
+
+
+def edit_sequence(n: int) -> tuple[list[Any], dict]:
+    """The first ``n`` cases (``CounterFactCase``): the full CounterFact records, then EasyEdit cases; a case whose
+    subject (two edits of one subject share a key) or case id occurs earlier is skipped, and counted."""
+    from hf_edit.evaluation import load_eval_data  # here: this module is imported before transformers/datasets
+
+    cases, subjects, ids = [], set(), set()
+    skipped = {"duplicate_subject_full": [], "duplicate_subject_easyedit": 0, "duplicate_case_id_easyedit": 0}
+    sources = [COUNTERFACT, *EASYEDIT]
+    for source in sources:
+        if len(cases) >= n:
+            break
+        full = source == COUNTERFACT
+        for case in load_eval_data(source).cases:
+            if len(cases) >= n:
+                break
+            r = case.request
+            if r.case_id in ids:
+                skipped["duplicate_case_id_easyedit"] += 1
+                continue
+            if r.subject in subjects:
+                if full:
+                    skipped["duplicate_subject_full"].append(r.case_id)
+                else:
+                    skipped["duplicate_subject_easyedit"] += 1
+                continue
+            subjects.add(r.subject)
+            ids.add(r.case_id)
+            cases.append(case)
+    return cases, skipped

@@ -44,45 +44,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _shared import COUNTERFACT, SHARED, WIKITEXT, fact_model_path
+from _shared import WIKITEXT, edit_sequence, fact_model_path
 from bench_memit import CONFIGS, load, stats_settings
 from long_run import _only
 
 from hf_edit import EditedModel, ROMEConfig
-from hf_edit.evaluation import CounterFactCase, counterfact_case_metrics, counterfact_nlls, load_eval_data
+from hf_edit.evaluation import CounterFactCase, counterfact_case_metrics, counterfact_nlls
 from hf_edit.evaluation.perplexity import perplexity, token_windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EASYEDIT = [SHARED / "counterfact" / f"counterfact-{s}.easyedit.json" for s in ("train", "edit", "val")]
 GOAL = {"retention_es": 90.0, "ns": 85.0, "perplexity_ratio": 1.2}
-
-
-def edit_sequence(n: int) -> tuple[list[CounterFactCase], dict]:
-    """The first ``n`` cases: full CounterFact records, then EasyEdit cases; repeated subjects/case ids skipped."""
-    cases, subjects, ids = [], set(), set()
-    skipped = {"duplicate_subject_full": [], "duplicate_subject_easyedit": 0, "duplicate_case_id_easyedit": 0}
-    sources = [COUNTERFACT, *EASYEDIT]
-    for source in sources:
-        if len(cases) >= n:
-            break
-        full = source == COUNTERFACT
-        for case in load_eval_data(source).cases:
-            if len(cases) >= n:
-                break
-            r = case.request
-            if r.case_id in ids:
-                skipped["duplicate_case_id_easyedit"] += 1
-                continue
-            if r.subject in subjects:
-                if full:
-                    skipped["duplicate_subject_full"].append(r.case_id)
-                else:
-                    skipped["duplicate_subject_easyedit"] += 1
-                continue
-            subjects.add(r.subject)
-            ids.add(r.case_id)
-            cases.append(case)
-    return cases, skipped
 
 
 def case_scores(model, tok, cases: list[CounterFactCase]) -> tuple[list[float], list[float]]:

@@ -9,6 +9,7 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
     python benchmarks/bench_memit.py nullspace --out benchmarks/results
     python benchmarks/bench_memit.py quality --n 200 [--reference] [--recipe] --out benchmarks/results
     python benchmarks/bench_memit.py ceiling --n 200 --mu 1 10 30 100
+    python benchmarks/bench_memit.py ceiling --n 1000 --mu 30 100 --steps 400 --kl-text-windows 16
 
 * **speed**: one MEMIT batch of ``--n`` CounterFact requests (templates, z, keys and solve of every layer) on
   hf_edit's default path, on the same path running whole rows at every z step (``reuse_prefix=False``), and
@@ -32,7 +33,9 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
   ``--out DIR`` each section's result is written to ``DIR/memit_<section>.json``.
 * **ceiling**: what any update of the edited modules can reach on ``--n`` cases: the MLP output projections of the
   layer-wise method's layers (or ``--layers``) fine-tuned directly on the cases' rewriting prompts, with ``μ`` · KL
-  on other facts' prompts (cases 600–899), for each ``--mu`` (:func:`bench_ceiling`).
+  on other facts' prompts (cases 600–899), for each ``--mu`` (:func:`bench_ceiling`); with ``--n`` above 600 the
+  lifelong edit sequence (the end state of a lifelong run), and ``--kl-text-windows`` adds KL on WikiText-2; written
+  to ``memit_ceiling.json`` for 200 cases, else ``memit_ceiling_<n>.json``.
 Lifelong editing (batches one after another) is ``bench_lifelong.py``.
 """
 
@@ -52,13 +55,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _shared import COUNTERFACT, WIKITEXT, fact_model_path, interleaved_seconds
+from _shared import COUNTERFACT, WIKITEXT, edit_sequence, fact_model_path, interleaved_seconds
 from bench_rome import peak_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_edit import AlphaEditConfig, EditedModel, EMMETConfig, LayerwiseConfig, MEMITConfig
 from hf_edit.architecture import find_layout
 from hf_edit.evaluation import counterfact_case_metrics, counterfact_nlls, load_eval_data, summarize
+from hf_edit.evaluation.perplexity import perplexity, token_windows
 from hf_edit.hooks import add_low_rank, frozen_eval
 from hf_edit.methods import EditContext
 from hf_edit.methods.alphaedit.editor import AlphaEditEditor
@@ -342,12 +346,23 @@ def bench_quality(args, model, tok) -> dict:
 def bench_ceiling(args, model, tok) -> dict:
     """What any update of the edited modules can reach on the batch: their weights fine-tuned directly (dense, Adam,
     ``--steps`` steps of 300 random rewriting rows) on the cases' rewriting prompts in MEMIT's templates, with
-    ``μ`` · KL(unedited ‖ edited) of the next token after the prompts of 300 other CounterFact facts (cases
-    600–899, their true objects; not the evaluated neighbourhood prompts), for each ``--mu``."""
+    ``μ`` · KL(unedited ‖ edited) of the next token after the prompts of 300 other CounterFact facts, for each
+    ``--mu``.  Up to 600 cases: the first ``--n`` full records, the other facts cases 600–899 (not the evaluated
+    neighbourhood prompts).  More (the end state of a lifelong run, an upper bound for it): the lifelong edit
+    sequence (:func:`_shared.edit_sequence`), the other facts the 300 cases that follow it.  With
+    ``--kl-text-windows N`` the same ``μ`` · KL also covers every position of N 64-token WikiText-2 validation
+    windows.  Each row also gives the WikiText-2 test perplexity against the unedited model's (200 windows)."""
     from hf_edit.hooks import only_positions
 
-    cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
-    others = list(load_eval_data(COUNTERFACT, n=900).cases)[600:900]
+    if args.n <= 600:
+        cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
+        others = list(load_eval_data(COUNTERFACT, n=900).cases)[600:900]
+    else:
+        sequence, _ = edit_sequence(args.n + 300)
+        cases, others = sequence[:args.n], sequence[args.n:]
+    ppl_windows = token_windows(tok, (WIKITEXT / "wiki.test.raw").read_text().splitlines(), 64, max_windows=200)
+    text = torch.tensor(token_windows(tok, (WIKITEXT / "wiki.valid.raw").read_text().splitlines(), 64,
+                                      max_windows=args.kl_text_windows)) if args.kl_text_windows else None
     editor = MEMITEditor(MEMITConfig(**stats_settings(args)), EditContext(model, tok))
     layers = args.layers or list(LayerwiseConfig().resolved_for(model).layers)
     modules = [model.get_submodule(find_layout(model).projection_name(layer)) for layer in layers]
@@ -364,6 +379,12 @@ def bench_ceiling(args, model, tok) -> dict:
         with only_positions(head, *keep_at):
             return torch.log_softmax(model(**keep).logits[0].float(), -1)
 
+    def text_logp() -> torch.Tensor | None:
+        return None if text is None else torch.log_softmax(model(input_ids=text).logits.float(), -1)
+
+    def kl(p: torch.Tensor | None, q: torch.Tensor | None) -> torch.Tensor:
+        return 0.0 if p is None else (p.exp() * (p - q)).sum(-1).mean()
+
     def rewrite_nll(batch: list) -> torch.Tensor:
         inputs = pad_batch([row for row, _ in batch], pad_token_id(tok))
         at = [(i, len(row) - len(t) + j, token, 1 / len(t)) for i, (row, t) in enumerate(batch)
@@ -377,10 +398,14 @@ def bench_ceiling(args, model, tok) -> dict:
         parameter.requires_grad_(False)
     original = [m.weight.detach().clone() for m in modules]
     with torch.no_grad():
-        p0 = keep_logp()
-    out = {"n": args.n, "layers": layers, "steps": args.steps, "before": score(model, tok, cases), "rows": []}
-    print(f"\nceiling: the MLP output projections of layers {layers} fine-tuned on {args.n} cases "
-          f"({len(rows)} rewriting rows), KL on 300 other facts; unedited {out['before']}")
+        p0, t0 = keep_logp(), text_logp()
+    base_ppl = perplexity(model, ppl_windows)
+    out = {"n": len(cases), "layers": layers, "steps": args.steps, "kl_text_windows": args.kl_text_windows,
+           "before": score(model, tok, cases), "base_perplexity": base_ppl, "rows": []}
+    print(f"\nceiling: the MLP output projections of layers {layers} fine-tuned on {len(cases)} cases "
+          f"({len(rows)} rewriting rows), KL on 300 other facts' prompts"
+          f"{f' and {args.kl_text_windows} WikiText-2 windows' if text is not None else ''}; unedited "
+          f"{out['before']}")
     generator = torch.Generator().manual_seed(0)
     for mu in args.mu:
         for m in modules:
@@ -391,19 +416,20 @@ def bench_ceiling(args, model, tok) -> dict:
             optimiser.zero_grad()
             batch = [rows[i] for i in torch.randperm(len(rows), generator=generator)[:300].tolist()]
             lp = keep_logp()
-            loss = rewrite_nll(batch) + mu * (p0.exp() * (p0 - lp)).sum(-1).mean()
+            loss = rewrite_nll(batch) + mu * (kl(p0, lp) + kl(t0, text_logp()))
             loss.backward()
             optimiser.step()
         with torch.no_grad():
             relative = [round(((m.weight - w).norm() / w.norm()).item(), 3) for m, w in zip(modules, original)]
             row = dict(mu=mu, **score(model, tok, cases), relative_norm=relative,
+                       perplexity_ratio=round(perplexity(model, ppl_windows) / base_ppl, 3),
                        seconds=round(time.perf_counter() - start))
             for m, w in zip(modules, original):
                 m.weight.copy_(w)
                 m.weight.requires_grad_(False)
         out["rows"].append(row)
         print(f"  μ = {mu:g}: ES {row['ES']:5.1f} PS {row['PS']:5.1f} NS {row['NS']:5.1f} S {row['S']:5.1f} | "
-              f"‖ΔW‖/‖W‖ {relative} | {row['seconds']} s", flush=True)
+              f"perplexity {row['perplexity_ratio']:.3f}x | ‖ΔW‖/‖W‖ {relative} | {row['seconds']} s", flush=True)
     return out
 
 
@@ -422,6 +448,8 @@ def main() -> None:
     parser.add_argument("--allocate", action="store_true", help="projector: decompose a random 14,336² C")
     parser.add_argument("--mu", type=float, nargs="+", default=[1.0, 10.0], help="ceiling: KL weights")
     parser.add_argument("--steps", type=int, default=150, help="ceiling: Adam steps")
+    parser.add_argument("--kl-text-windows", type=int, default=0,
+                        help="ceiling: also μ · KL on every position of N WikiText-2 windows")
     parser.add_argument("--lr", type=float, default=2e-3, help="ceiling: Adam learning rate")
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="ceiling: layers (default: the layer-wise method's)")
@@ -446,7 +474,7 @@ def main() -> None:
             results["quality"] = bench_quality(args, model, tok)
         elif section == "ceiling":
             args.n = args.n or 200
-            results["ceiling"] = bench_ceiling(args, model, tok)
+            results["ceiling" if args.n == 200 else f"ceiling_{args.n}"] = bench_ceiling(args, model, tok)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for section, result in results.items():
