@@ -179,8 +179,7 @@ class EvaluationResult:
         counts = self.counts or _counts(self.cases)
         header = ["metric", *(f"{p} (n={counts[p]})" if p in counts else p for p in phases)]
         rows = [[name, *(_cell(self.summary[p].get(name)) for p in phases)] for name in names]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        lines = _aligned(header, rows)
         title = (f"{self.data.get('format')} · {self.method} · protocol={self.protocol} · "
                  f"n={self.data.get('n')} · {self.timing.get('cases_per_second', float('nan')):.3f} cases/s")
         return "\n".join([title, *lines, *_capability_lines(self.capability), *_checkpoint_lines(self.checkpoints),
@@ -253,9 +252,14 @@ def _checkpoint_lines(checkpoints: Sequence[Mapping[str, Any]]) -> list[str]:
             row += [f"{cap['perplexity_ratio']:.3f}" if "perplexity_ratio" in cap else "-",
                     f"{cap['kl']:.4f}" if "kl" in cap else "-"]
         rows.append(row)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["checkpoints (n: the cases edited so far, scored after that many edits):",
-            *("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])]
+            *("  " + line for line in _aligned(header, rows))]
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The header and rows as lines of left-aligned columns, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
 
 def _cell(value: Mapping[str, float] | None) -> str:
