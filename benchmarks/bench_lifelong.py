@@ -177,9 +177,9 @@ SHORT = {"clamp_norm_factor": "clamp", "v_num_grad_steps": "steps", "prompt_pres
 
 def legend(run: dict) -> str:
     """A run's label with its overridden settings, e.g. ``alphaedit (clamp 4, steps 40, μ 10)``."""
-    settings = ", ".join(f"{SHORT.get(k, k)} {v:g}" if isinstance(v, (int, float)) else f"{SHORT.get(k, k)} {v}"
+    settings = ", ".join(f"{SHORT.get(k, k)} {f'{v:g}' if isinstance(v, (int, float)) else v}"
                          for k, v in run.get("overrides", {}).items())
-    stopped = "" if run.get("finished", True) else ", stopped"
+    stopped = "" if run.get("finished", True) else f", stopped before {run['n']} edits"
     return f"{run['label']} ({settings or 'defaults'}{stopped})"
 
 
@@ -231,14 +231,11 @@ def table(folder: Path) -> Path:
              f"{GOAL['perplexity_ratio']:g}× the unedited model's. Written by `python benchmarks/bench_lifelong.py "
              "--plot` from the lifelong-*.json here; n = edits so far (every edit's rewrite prompt for retention, "
              "every edited case's neighbourhood prompts for NS).", "",
-             "| run | settings | edits | retention ES | NS (unedited) | perplexity ratio | KL | last batch ES | "
-             "edit time |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run (overridden settings) | edits | retention ES | NS (unedited) | perplexity ratio | KL | "
+             "last batch ES | edit time |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        settings = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "defaults"
-        if not r.get("finished", True):
-            settings += f" (stopped before {r['n']} edits)"
         for c in r["checkpoints"]:
-            lines.append(f"| {r['label']} | {settings} | {c['edits']} | {c['retention_es']:.1f} | {c['ns']:.1f} "
+            lines.append(f"| {legend(r)} | {c['edits']} | {c['retention_es']:.1f} | {c['ns']:.1f} "
                          f"({c['ns_unedited']:.1f}) | {c['perplexity_ratio']:.2f} | {c['kl']:.3f} | "
                          f"{c['es_last_batch']:.0f} | {c['edit_seconds']:.0f} s |")
     target = folder / "lifelong.md"
