@@ -1,8 +1,9 @@
 """What the benchmark scripts share: offline mode, the paths of ``../shared/data``, the model they measure and
-the median timer, the lifelong edit sequence.  Import it before transformers/datasets (it sets their offline switches unless already set)."""
+the median timer, the lifelong edit sequence, config overrides from the command line.  Import it before transformers/datasets (it sets their offline switches unless already set)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import statistics
 import time
@@ -77,3 +78,16 @@ def edit_sequence(n: int) -> tuple[list[Any], dict]:
             ids.add(r.case_id)
             cases.append(case)
     return cases, skipped
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["clamp_norm_factor=4.0", "layers=(0,1,2)", "fact_token=last"]`` → config overrides: each value a Python
+    literal where it parses as one, else the string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out

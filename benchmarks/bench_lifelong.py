@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _shared import WIKITEXT, edit_sequence, fact_model_path
+from _shared import WIKITEXT, edit_sequence, fact_model_path, parse_overrides
 from bench_memit import CONFIGS, load, stats_settings
 from long_run import _only
 
@@ -76,17 +75,6 @@ def kl_from(base: torch.Tensor, model, windows: list[list[int]]) -> float:
     """Mean over positions of KL(base ‖ model) of the next-token distributions."""
     edited = next_token_logprobs(model, windows)
     return (base.exp() * (base - edited)).sum(-1).mean().item()
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def make_config(args, model):

@@ -8,6 +8,7 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
     python benchmarks/bench_memit.py projector [--allocate]
     python benchmarks/bench_memit.py nullspace --out benchmarks/results
     python benchmarks/bench_memit.py quality --n 200 [--reference] [--recipe] --out benchmarks/results
+    python benchmarks/bench_memit.py quality --start 200 --config "memit fact_token=last layers=(0,1,2,3,4)" --out DIR
     python benchmarks/bench_memit.py ceiling --n 200 --mu 1 10 30 100
     python benchmarks/bench_memit.py ceiling --n 1000 --mu 30 100 --steps 400 --kl-text-windows 16
 
@@ -30,7 +31,9 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
   δ ended on the clamp, the fraction of each layer's residual share the update leaves unexplained (``fit``), and
   ‖ΔW‖/‖W‖.  Configurations: hf_edit's defaults for models without a preset, and the reference's GPT-2 XL values
   (``--reference``) on the default layers and on layers 0–2, and ``SMALL_MODEL_RECIPE`` (``--recipe``).  With
-  ``--out DIR`` each section's result is written to ``DIR/memit_<section>.json``.
+  ``--out DIR`` each section's result is written to ``DIR/memit_<section>.json``.  ``--config`` (repeatable) runs
+  the given configurations instead (written to ``memit_quality_settings.json``; ``…_rounds.json`` with ``--rounds``), ``--start`` picks the first case,
+  ``--rounds R`` edits the same cases R times in a row (each round on the model as edited), scoring after each.
 * **ceiling**: what any update of the edited modules can reach on ``--n`` cases: the MLP output projections of the
   layer-wise method's layers (or ``--layers``) fine-tuned directly on the cases' rewriting prompts, with ``μ`` · KL
   on other facts' prompts (cases 600–899), for each ``--mu`` (:func:`bench_ceiling`); with ``--n`` above 600 the
@@ -55,7 +58,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _shared import COUNTERFACT, WIKITEXT, edit_sequence, fact_model_path, interleaved_seconds
+from _shared import COUNTERFACT, WIKITEXT, edit_sequence, fact_model_path, interleaved_seconds, parse_overrides
 from bench_rome import peak_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -295,12 +298,24 @@ SMALL_MODEL_RECIPE = {
 }
 
 
+def parse_config(spec: str) -> tuple[str, dict]:
+    """``"memit clamp_norm_factor=4.0 layers=(0,1,2,3) fact_token=last"`` → ``("memit", {...})`` (values as in
+    :func:`parse_overrides`)."""
+    method, *items = spec.split()
+    if method not in CONFIGS:
+        raise SystemExit(f"--config {spec!r}: the method must be one of {sorted(CONFIGS)}.")
+    return method, parse_overrides(items)
+
+
 def quality_configs(args) -> list[tuple[str, str, dict]]:
     reference = dict(clamp_norm_factor=0.75, mom2_update_weight=20000.0, v_loss_layer=None)
-    configs = [("memit", "hf_edit default", {}), ("emmet", "hf_edit default", {}),
-               ("alphaedit", "hf_edit default", {}), ("layerwise", "hf_edit default", {})]
+    configs = [] if args.config else [("memit", "hf_edit default", {}), ("emmet", "hf_edit default", {}),
+                                      ("alphaedit", "hf_edit default", {}), ("layerwise", "hf_edit default", {})]
     if args.recipe:
         configs += [(m, "small-model recipe", dict(o)) for m, o in SMALL_MODEL_RECIPE.items()]
+    for spec in args.config or []:
+        method, overrides = parse_config(spec)
+        configs.append((method, " ".join(f"{k}={v}" for k, v in overrides.items()), overrides))
     if args.reference:
         configs += [("memit", "reference gpt2-xl values", reference),
                     ("memit", "reference values, layers 0-2", dict(reference, layers=(0, 1, 2))),
@@ -310,36 +325,40 @@ def quality_configs(args) -> list[tuple[str, str, dict]]:
 
 
 def bench_quality(args, model, tok) -> dict:
-    cases = list(load_eval_data(COUNTERFACT, n=args.n).cases)
+    cases = list(load_eval_data(COUNTERFACT, n=args.start + args.n).cases)[args.start:]
     before = score(model, tok, cases)
-    print(f"\n{args.n} CounterFact cases in one edit call, {fact_model_path().name}; unedited: {before}")
+    print(f"\n{args.n} CounterFact cases (from case {args.start}) in one edit call, {fact_model_path().name}; "
+          f"unedited: {before}")
     rows = []
     for method, label, overrides in quality_configs(args):
         if args.methods and method not in args.methods:
             continue
         config = CONFIGS[method](**stats_settings(args), **overrides)
         edited = EditedModel(model, tok, progress=False)
-        start = time.perf_counter()
-        edits = edited.edit([c.request for c in cases], method=config)
-        seconds = time.perf_counter() - start
-        after = score(edited.model, tok, cases)
-        z = edits[0].info.get("z") or edits[0].info["values"]  # layer-wise: a δ per layer, clamp ratio per layer
-        row = dict(method=method, label=label, layers=list(config.resolved_for(model).layers), **after,
-                   seconds=seconds, z_target_probability=statistics.mean(x["target_probability"] for x in z),
-                   z_on_clamp=sum(torch.tensor(x["clamp_ratio"]).max().item() > 0.999 for x in z) / len(z),
-                   fit=[round(e.info["fit"], 3) for e in edits],
-                   relative_norm=[round(e.info["relative_norm"], 3) for e in edits],
-                   config={k: v for k, v in config.to_dict().items() if k in overrides or k in (
-                       "clamp_norm_factor", "mom2_update_weight", "emmet_lambda", "L2", "nullspace_threshold",
-                       "v_num_grad_steps", "kl_factor", "prompt_preservation")}, n_cases=len(cases))
-        rows.append(row)
-        print(f"  {method:9s} {label:38s} layers {row['layers']}: ES {after['ES']:5.1f} PS {after['PS']:5.1f} "
-              f"NS {after['NS']:5.1f} S {after.get('S', math.nan):5.1f} | z p(target) "
-              f"{row['z_target_probability']:.2f}, on clamp {100 * row['z_on_clamp']:.0f}% | unexplained residual "
-              f"{row['fit']} | ‖ΔW‖/‖W‖ {row['relative_norm']} | {seconds:.0f} s", flush=True)
-        edited.remove_edit(0)
+        for round_ in range(1, args.rounds + 1):  # each round edits the same cases again, on the model as edited
+            start = time.perf_counter()
+            edits = edited.edit([c.request for c in cases], method=config)
+            seconds = time.perf_counter() - start
+            after = score(edited.model, tok, cases)
+            z = edits[0].info.get("z") or edits[0].info["values"]  # layer-wise: a δ per layer, clamp ratio per layer
+            row = dict(method=method, label=label, layers=list(config.resolved_for(model).layers), **after,
+                       seconds=seconds, z_target_probability=statistics.mean(x["target_probability"] for x in z),
+                       z_on_clamp=sum(torch.tensor(x["clamp_ratio"]).max().item() > 0.999 for x in z) / len(z),
+                       fit=[round(e.info["fit"], 3) for e in edits],
+                       relative_norm=[round(e.info["relative_norm"], 3) for e in edits],
+                       config={k: v for k, v in config.to_dict().items() if k in overrides or k in (
+                           "clamp_norm_factor", "mom2_update_weight", "emmet_lambda", "L2", "nullspace_threshold",
+                           "v_num_grad_steps", "kl_factor", "prompt_preservation")}, n_cases=len(cases),
+                       first_case=args.start, round=round_)
+            rows.append(row)
+            print(f"  {method:9s} {label:38s} layers {row['layers']}{f' round {round_}' if args.rounds > 1 else ''}: "
+                  f"ES {after['ES']:5.1f} PS {after['PS']:5.1f} NS {after['NS']:5.1f} S {after.get('S', math.nan):5.1f}"
+                  f" | z p(target) {row['z_target_probability']:.2f}, on clamp {100 * row['z_on_clamp']:.0f}% | "
+                  f"unexplained residual {row['fit']} | ‖ΔW‖/‖W‖ {row['relative_norm']} | {seconds:.0f} s", flush=True)
+        while edited.edits:
+            edited.remove_edit(0)
         model = edited.base_model
-    return {"before": before, "rows": rows}
+    return {"before": before, "first_case": args.start, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,6 +464,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="quality: only these methods")
     parser.add_argument("--reference", action="store_true", help="quality: also the reference's GPT-2 XL values")
     parser.add_argument("--recipe", action="store_true", help="quality: also SMALL_MODEL_RECIPE")
+    parser.add_argument("--config", action="append", default=None, metavar="'METHOD KEY=VALUE ...'",
+                        help="quality: a configuration to run instead of the defaults (repeatable), e.g. "
+                             "'memit clamp_norm_factor=4.0 mom2_update_weight=200.0 layers=(0,1,2,3)'")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="quality: edit the same cases this many times in a row, scoring after each")
+    parser.add_argument("--start", type=int, default=0, help="quality: the first CounterFact case (dev: 200)")
     parser.add_argument("--allocate", action="store_true", help="projector: decompose a random 14,336² C")
     parser.add_argument("--mu", type=float, nargs="+", default=[1.0, 10.0], help="ceiling: KL weights")
     parser.add_argument("--steps", type=int, default=150, help="ceiling: Adam steps")
@@ -471,7 +496,8 @@ def main() -> None:
             results["nullspace"] = bench_nullspace(args, model, tok)
         elif section == "quality":
             args.n = args.n or 200
-            results["quality"] = bench_quality(args, model, tok)
+            key = "quality" + ("_settings" if args.config else "") + ("_rounds" if args.rounds > 1 else "")
+            results[key] = bench_quality(args, model, tok)
         elif section == "ceiling":
             args.n = args.n or 200
             results["ceiling" if args.n == 200 else f"ceiling_{args.n}"] = bench_ceiling(args, model, tok)
