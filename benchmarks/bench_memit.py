@@ -32,8 +32,9 @@ and are cached (``$HF_EDIT_CACHE``, default ``~/.cache/huggingface/hf_edit``).  
   ‖ΔW‖/‖W‖.  Configurations: hf_edit's defaults for models without a preset, and the reference's GPT-2 XL values
   (``--reference``) on the default layers and on layers 0–2, and ``SMALL_MODEL_RECIPE`` (``--recipe``).  With
   ``--out DIR`` each section's result is written to ``DIR/memit_<section>.json``.  ``--config`` (repeatable) runs
-  the given configurations instead (written to ``memit_quality_settings.json``; ``…_rounds.json`` with ``--rounds``), ``--start`` picks the first case,
-  ``--rounds R`` edits the same cases R times in a row (each round on the model as edited), scoring after each.
+  the given configurations instead (written to ``memit_quality_settings.json``), ``--start`` picks the first case,
+  ``--rounds R`` edits the same cases R times in a row, each round on the model as edited, scoring after each
+  (``…_rounds.json``).
 * **ceiling**: what any update of the edited modules can reach on ``--n`` cases: the MLP output projections of the
   layer-wise method's layers (or ``--layers``) fine-tuned directly on the cases' rewriting prompts, with ``μ`` · KL
   on other facts' prompts (cases 600–899), for each ``--mu`` (:func:`bench_ceiling`); with ``--n`` above 600 the
