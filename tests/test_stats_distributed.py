@@ -224,5 +224,25 @@ def test_batches_are_shared_out_once_and_a_single_process_runs_alone():
     assert current_group() is None  # no process group in the test process
 
 
+
+@pytest.mark.parametrize(("backend", "registered", "preferred", "expected"), [
+    ("gloo", None, "cpu", "cpu"),
+    ("cuda:nccl,cpu:gloo", None, "cpu", "cpu"),  # a device-to-backend list
+    ("unknown", None, "cpu", "cpu"),             # a backend torch does not know: the CPU
+    ("custom", ["meta"], "meta", "meta"),        # a registered backend that reduces the preferred device: kept
+    ("custom", ["cpu", "meta"], "meta", "meta"),
+    ("custom", ["cpu"], "meta", "cpu"),          # … that does not: the CPU
+])
+def test_collectives_run_on_a_device_the_backend_reduces(monkeypatch, backend, registered, preferred, expected):
+    import torch.distributed as dist
+
+    from hf_edit.stats.distributed import _collective_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: backend)
+    if registered is not None:  # what torch.distributed.Backend.register_backend(devices=...) records
+        monkeypatch.setattr(dist.Backend, "backend_capability",
+                            {**dist.Backend.backend_capability, backend: registered})
+    assert _collective_device(torch.device(preferred)) == torch.device(expected)
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker([a for a in sys.argv[1:] if a != "--worker"])

@@ -27,10 +27,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Backends that move tensors of one device type only, and that type.
-_DEVICE_BACKENDS = {"nccl": "cuda", "xccl": "xpu", "hccl": "hpu"}
-
-
 def attempt(action: Callable[[], T]) -> tuple[T | None, Exception | None]:
     """``(action(), None)``, or ``(None, the exception)`` if it raised one."""
     try:
@@ -147,11 +143,13 @@ def _launched_size() -> int:
 
 def _collective_device(preferred: torch.device) -> torch.device:
     """A device whose tensors the default group's backend can reduce: ``preferred`` if possible, else the CPU, else
-    the current device of the backend's device type (``"cuda:nccl,cpu:gloo"`` style backends included)."""
+    the current device of the backend's device type (``"cuda:nccl,cpu:gloo"`` style backends included; which device
+    types a plain backend reduces is torch's own ``Backend.backend_capability``, where third-party backends
+    register theirs)."""
     backend = str(dist.get_backend()).lower()
     supported = {device: name for device, name in (part.split(":", 1) for part in backend.split(",") if ":" in part)}
     if not supported:
-        supported = {_DEVICE_BACKENDS.get(backend, "cpu"): backend}
+        supported = dict.fromkeys(dist.Backend.backend_capability.get(backend, ["cpu"]), backend)
     if preferred.type in supported:
         return preferred
     if "cpu" in supported:
