@@ -224,7 +224,6 @@ def test_batches_are_shared_out_once_and_a_single_process_runs_alone():
     assert current_group() is None  # no process group in the test process
 
 
-
 @pytest.mark.parametrize(("backend", "registered", "preferred", "expected"), [
     ("gloo", None, "cpu", "cpu"),
     ("cuda:nccl,cpu:gloo", None, "cpu", "cpu"),  # a device-to-backend list
@@ -243,6 +242,7 @@ def test_collectives_run_on_a_device_the_backend_reduces(monkeypatch, backend, r
         monkeypatch.setattr(dist.Backend, "backend_capability",
                             {**dist.Backend.backend_capability, backend: registered})
     assert _collective_device(torch.device(preferred)) == torch.device(expected)
+
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker([a for a in sys.argv[1:] if a != "--worker"])

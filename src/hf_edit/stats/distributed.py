@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 def attempt(action: Callable[[], T]) -> tuple[T | None, Exception | None]:
     """``(action(), None)``, or ``(None, the exception)`` if it raised one."""
     try:
