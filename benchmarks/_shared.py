@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: offline mode, the paths of ``../shared/data``, the model they measure and
-the median timer, the lifelong edit sequence, config overrides from the command line.  Import it before transformers/datasets (it sets their offline switches unless already set)."""
+"""What the benchmark scripts share: offline mode, the paths of ``../shared/data``, the model they measure, the
+median timer, the lifelong edit sequence and config overrides from the command line.  Import it before
+transformers/datasets (it sets their offline switches unless already set)."""
 
 from __future__ import annotations
 
